@@ -1,0 +1,284 @@
+"""Settings for Attendance Bridge.
+
+Everything that differs between a laptop and production comes from the
+environment (a `.env` file beside manage.py is loaded when present). Every
+variable read here is listed with its default in `.env.example`.
+
+With no DATABASE_URL and no CELERY_BROKER_URL the project runs on embedded
+defaults: a SQLite file and a filesystem broker, both under var/.
+"""
+
+import datetime
+import os
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+from dotenv import load_dotenv
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+load_dotenv(BASE_DIR / ".env")
+
+
+# --- Strict environment helpers ------------------------------------------------
+# A typo in an environment variable must stop the process at start-up with a
+# message naming the variable, not surface hours later as odd behaviour.
+
+
+def envstr(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def envbool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false, got {value!r}")
+
+
+def envint(name: str, default: int, *, minimum: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a whole number, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def envfloat(name: str, default: float, *, minimum: float | None = None) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def envlist(name: str, default: list[str]) -> list[str]:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def envtime(name: str, default: str) -> datetime.time:
+    value = envstr(name, default)
+    try:
+        return datetime.time.fromisoformat(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a time like 08:00, got {value!r}") from None
+
+
+def envzone(name: str, default: str) -> str:
+    value = envstr(name, default)
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ImproperlyConfigured(
+            f"{name} must be an IANA time zone name such as Europe/Lisbon, got {value!r}"
+        ) from None
+    return value
+
+
+# --- Core ----------------------------------------------------------------------
+
+DEBUG = envbool("DEBUG", False)
+
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. Set it in the environment or in .env "
+            "(or set DEBUG=true for a local, insecure development key)."
+        )
+    SECRET_KEY = "insecure-development-key-do-not-use-in-production"
+
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "core",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "attendance_bridge.urls"
+WSGI_APPLICATION = "attendance_bridge.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# All stored times are aware UTC. Device-local wall-clock times are converted
+# at the device boundary (core.ingest) with the device's own IANA zone.
+USE_TZ = True
+TIME_ZONE = "UTC"
+LANGUAGE_CODE = "en-us"
+USE_I18N = True
+
+# A relative VAR_DIR is taken from the project folder, not the current directory.
+VAR_DIR = BASE_DIR / envstr("VAR_DIR", "var")
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+# --- Database --------------------------------------------------------------------
+# PostgreSQL in production (postgres://user@host:5432/name); SQLite under var/
+# when DATABASE_URL is unset.
+
+DATABASE_URL = envstr("DATABASE_URL", "")
+if DATABASE_URL:
+    try:
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "attendance_bridge.sqlite3",
+            # Web, worker and beat share the file: wait for a lock instead of failing.
+            "OPTIONS": {"timeout": 20},
+        }
+    }
+
+
+# --- Celery ------------------------------------------------------------------------
+# Redis in production (redis://127.0.0.1:6379/0). Without CELERY_BROKER_URL the
+# worker and beat use kombu's filesystem transport, which needs no server.
+
+CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", "")
+if not CELERY_BROKER_URL:
+    CELERY_BROKER_URL = "filesystem://"
+    _broker_dir = VAR_DIR / "broker"
+    (_broker_dir / "queue").mkdir(parents=True, exist_ok=True)
+    (_broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER", False)
+# A task is acknowledged only after it ran, so a worker killed mid-task leaves
+# it on the queue; every task is idempotent, so running one twice is harmless.
+CELERY_TASK_ACKS_LATE = True
+# One task at a time per worker process: polls and deliveries are long-ish I/O.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A hung device or CRM must not hold a worker forever.
+CELERY_TASK_SOFT_TIME_LIMIT = envint("CELERY_TASK_SOFT_TIME_LIMIT", 300, minimum=1)
+CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 60
+CELERY_TIMEZONE = "UTC"
+
+
+# --- Devices and ingest --------------------------------------------------------------
+
+# Zone for new devices whose clocks show local time (each device can override it).
+DEVICE_DEFAULT_TIMEZONE = envzone("DEVICE_DEFAULT_TIMEZONE", "UTC")
+# Seconds a device may take to answer before the poll gives up on it.
+DEVICE_TIMEOUT_SECONDS = envint("DEVICE_TIMEOUT_SECONDS", 30, minimum=1)
+# Minutes between scheduled polls of every enabled device.
+POLL_INTERVAL_MINUTES = envint("POLL_INTERVAL_MINUTES", 5, minimum=1)
+# A full download is forced this often even when the record count is unchanged,
+# because a device can be cleared and refilled to the same count.
+FULL_POLL_HOURS = envint("FULL_POLL_HOURS", 24, minimum=1)
+
+
+# --- Daily processing ----------------------------------------------------------------
+
+# A shift takes in every punch within this many hours of its first punch.
+MAX_SHIFT_HOURS = envint("MAX_SHIFT_HOURS", 16, minimum=1)
+# Punches of one employee this close together count as one (double taps).
+DEDUPE_WINDOW_SECONDS = envint("DEDUPE_WINDOW_SECONDS", 60, minimum=0)
+# Outlier rules: the expected working day, and how far from it is unusual.
+WORK_START_TIME = envtime("WORK_START_TIME", "08:00")
+WORK_END_TIME = envtime("WORK_END_TIME", "17:00")
+EARLY_CLOCK_IN_MINUTES = envint("EARLY_CLOCK_IN_MINUTES", 120, minimum=0)
+LATE_CLOCK_IN_MINUTES = envint("LATE_CLOCK_IN_MINUTES", 120, minimum=0)
+EARLY_CLOCK_OUT_MINUTES = envint("EARLY_CLOCK_OUT_MINUTES", 120, minimum=0)
+LATE_CLOCK_OUT_MINUTES = envint("LATE_CLOCK_OUT_MINUTES", 180, minimum=0)
+
+
+# --- REST API ------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.BasicAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 100,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Attendance Bridge API",
+    "DESCRIPTION": "Raw punches from ZKTeco clocks and daily clock-in/clock-out records.",
+    "VERSION": "0.1.0",
+}
+
+
+# --- Logging -------------------------------------------------------------------------
+
+LOG_LEVEL = envstr("LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+    },
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs what is needed, prepares the database and starts the web server
+# (admin at http://127.0.0.1:8000/admin/, API at /api/).
+#   HOST=0.0.0.0 PORT=8000 ./start_server.sh
+. "$(dirname "$0")/scripts/bootstrap.sh"
+
+python manage.py migrate --noinput
+exec python manage.py runserver "${HOST:-127.0.0.1}:${PORT:-8000}"
