@@ -1,0 +1,264 @@
+"""The domain: devices, the punches they record, the employees behind them,
+and the daily records built from those punches."""
+
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+
+def validate_timezone(value: str) -> None:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(
+            f"{value!r} is not an IANA time zone name (for example Europe/Lisbon)."
+        ) from None
+
+
+def default_device_timezone() -> str:
+    return settings.DEVICE_DEFAULT_TIMEZONE
+
+
+def default_device_timeout() -> int:
+    return settings.DEVICE_TIMEOUT_SECONDS
+
+
+class Device(models.Model):
+    class Protocol(models.TextChoices):
+        TCP = "tcp", "TCP"
+        UDP = "udp", "UDP"
+
+    # --- what the operator sets ---
+    name = models.CharField(max_length=100, unique=True)
+    ip_address = models.GenericIPAddressField("IP address")
+    port = models.PositiveIntegerField(
+        default=4370, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+    )
+    protocol = models.CharField(max_length=3, choices=Protocol.choices, default=Protocol.TCP)
+    comm_key = models.PositiveIntegerField(
+        "comm key",
+        default=0,
+        validators=[MaxValueValidator(999999)],
+        help_text="The device's communication password (Comm Key in its menu); 0 for none.",
+    )
+    timeout_seconds = models.PositiveIntegerField(
+        default=default_device_timeout, validators=[MinValueValidator(1)]
+    )
+    timezone = models.CharField(
+        max_length=64,
+        default=default_device_timezone,
+        validators=[validate_timezone],
+        help_text="IANA zone of the device clock, e.g. Europe/Lisbon.",
+    )
+    enabled = models.BooleanField(default=True, help_text="Disabled devices are not polled.")
+    # Outlier rule overrides for everyone punching on this device (a warehouse
+    # with early shifts); empty means the WORK_START_TIME / WORK_END_TIME settings.
+    work_start_time = models.TimeField(null=True, blank=True)
+    work_end_time = models.TimeField(null=True, blank=True)
+
+    # --- facts learned from the device at the last successful poll ---
+    serial_number = models.CharField(max_length=64, blank=True)
+    firmware = models.CharField(max_length=64, blank=True)
+    platform = models.CharField(max_length=64, blank=True)
+    device_name = models.CharField(max_length=64, blank=True)
+    user_count = models.PositiveIntegerField(null=True, blank=True)
+    user_capacity = models.PositiveIntegerField(null=True, blank=True)
+    record_count = models.PositiveIntegerField(null=True, blank=True)
+    record_capacity = models.PositiveIntegerField(null=True, blank=True)
+    clock_drift_seconds = models.FloatField(
+        null=True, blank=True, help_text="Device clock minus server time at the last poll."
+    )
+
+    # --- polling state ---
+    last_poll_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_full_download_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_record_count = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Record count seen at the last successful download."
+    )
+    last_serial_number = models.CharField(
+        max_length=64, blank=True, help_text="Serial number seen at the last successful download."
+    )
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def log_fill_percent(self) -> float | None:
+        if not self.record_capacity or self.record_count is None:
+            return None
+        return round(100.0 * self.record_count / self.record_capacity, 1)
+
+
+class Employee(models.Model):
+    """A person as the devices know them, keyed by the user id shown on the clock."""
+
+    user_id = models.CharField("user ID", max_length=24, unique=True)
+    name = models.CharField(max_length=100, blank=True)
+    card = models.PositiveBigIntegerField(default=0)
+    privilege = models.PositiveSmallIntegerField(default=0)
+    devices = models.ManyToManyField(Device, related_name="employees", blank=True)
+    # Outlier rule overrides for this person (a night porter); they win over the device's.
+    work_start_time = models.TimeField(null=True, blank=True)
+    work_end_time = models.TimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["user_id"]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} {self.name}".strip()
+
+
+class RawAttendance(models.Model):
+    """One punch exactly as a device recorded it, with its time in UTC."""
+
+    class PunchState(models.IntegerChoices):
+        CHECK_IN = 0, "Check-in"
+        CHECK_OUT = 1, "Check-out"
+        BREAK_OUT = 2, "Break-out"
+        BREAK_IN = 3, "Break-in"
+        OVERTIME_IN = 4, "Overtime-in"
+        OVERTIME_OUT = 5, "Overtime-out"
+        UNDEFINED = 255, "Undefined"
+
+    class VerifyType(models.IntegerChoices):
+        UNKNOWN = 0, "Unknown"
+        FINGERPRINT = 1, "Fingerprint"
+        PASSWORD = 3, "Password"
+        CARD = 4, "Card"
+        FACE = 15, "Face"
+
+    device = models.ForeignKey(Device, on_delete=models.PROTECT, related_name="punches")
+    user_id = models.CharField("user ID", max_length=24)
+    timestamp = models.DateTimeField(help_text="When the punch happened, in UTC.")
+    # The device's raw status byte, kept as sent; verify_type is what it means
+    # on current firmware (the verification method).
+    status = models.PositiveSmallIntegerField(default=0)
+    punch_state = models.PositiveSmallIntegerField(default=0, choices=PunchState.choices)
+    verify_type = models.PositiveSmallIntegerField(default=0, choices=VerifyType.choices)
+    is_suspect = models.BooleanField(default=False)
+    suspect_reason = models.CharField(max_length=200, blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "raw punch"
+        verbose_name_plural = "raw punches"
+        ordering = ["-timestamp"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["device", "user_id", "timestamp"], name="raw_attendance_unique_punch"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["user_id", "timestamp"], name="raw_attendance_user_time"),
+            models.Index(fields=["timestamp"], name="raw_attendance_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} @ {self.timestamp:%Y-%m-%d %H:%M:%S} UTC on device {self.device_id}"
+
+
+class ProcessedAttendance(models.Model):
+    """One employee's shift: first punch in, last punch out, across all devices.
+
+    Built by core.processing; delivered to the CRM by core.crm. A change of the
+    computed values bumps `version`, which makes the row due for delivery again.
+    """
+
+    class SyncState(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SYNCED = "synced", "Synced"
+        FAILED = "failed", "Failed"
+        REJECTED = "rejected", "Rejected"
+
+    user_id = models.CharField("user ID", max_length=24)
+    employee = models.ForeignKey(
+        Employee, null=True, blank=True, on_delete=models.SET_NULL, related_name="days"
+    )
+    work_date = models.DateField(help_text="Local date of the shift's first punch.")
+    clock_in = models.DateTimeField(null=True, blank=True)
+    clock_out = models.DateTimeField(null=True, blank=True)
+    clock_in_device = models.ForeignKey(
+        Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    clock_out_device = models.ForeignKey(
+        Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    punch_count = models.PositiveIntegerField(default=0)
+    worked = models.DurationField(null=True, blank=True)
+    is_outlier = models.BooleanField(default=False)
+    # [{"code": "early_clock_in", "message": "early_clock_in: 05:10 is 2h50m before 08:00"}]
+    outlier_reasons = models.JSONField(default=list, blank=True)
+    ignored_suspect_punches = models.PositiveIntegerField(default=0)
+
+    # HR corrections: processing never overwrites a manual row.
+    is_manual = models.BooleanField(default=False)
+    edited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    edited_at = models.DateTimeField(null=True, blank=True)
+    has_newer_punches = models.BooleanField(
+        default=False, help_text="Punches arrived after a manual edit; review the day."
+    )
+    reviewed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+
+    version = models.PositiveIntegerField(default=1)
+
+    # Delivery to the CRM (core.crm).
+    sync_state = models.CharField(
+        max_length=10, choices=SyncState.choices, default=SyncState.PENDING
+    )
+    synced_version = models.PositiveIntegerField(null=True, blank=True)
+    sync_attempts = models.PositiveIntegerField(default=0)
+    last_sync_attempt = models.DateTimeField(null=True, blank=True)
+    last_sync_error = models.TextField(blank=True)
+    next_sync_at = models.DateTimeField(null=True, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "daily attendance"
+        verbose_name_plural = "daily attendance"
+        ordering = ["-work_date", "user_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user_id", "work_date"], name="processed_attendance_one_per_day"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["work_date"], name="processed_work_date"),
+            models.Index(fields=["sync_state", "next_sync_at"], name="processed_sync_due"),
+            models.Index(fields=["updated_at"], name="processed_updated"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} on {self.work_date}"
