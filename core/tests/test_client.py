@@ -1,0 +1,135 @@
+"""Decoders of the device's bulk buffers, on buffers built byte by byte."""
+
+import datetime
+import struct
+
+import pytest
+
+from core.zk.client import (
+    DeviceProtocolError,
+    decode_attendance,
+    decode_time,
+    decode_users,
+    encode_time,
+)
+
+T1 = datetime.datetime(2026, 11, 2, 8, 1, 7)
+T2 = datetime.datetime(2026, 11, 2, 17, 3, 59)
+
+
+def blob(records: list[bytes]) -> bytes:
+    body = b"".join(records)
+    return struct.pack("<I", len(body)) + body
+
+
+def record_40(uid, user_id, status, moment, punch, extra=b""):
+    raw = struct.pack(
+        "<H24sB4sB8s",
+        uid,
+        user_id.encode(),
+        status,
+        struct.pack("<I", encode_time(moment)),
+        punch,
+        b"\x00\x00\x00\x00\xff\x00\x00\x00",
+    )
+    return raw + extra
+
+
+def test_time_codec_round_trips_across_years_and_leap_days():
+    for moment in [
+        datetime.datetime(2000, 1, 1, 0, 0, 0),
+        datetime.datetime(2024, 2, 29, 23, 59, 58),
+        datetime.datetime(2026, 12, 31, 12, 30, 1),
+        datetime.datetime(2099, 6, 15, 6, 5, 4),
+    ]:
+        assert decode_time(encode_time(moment)) == (moment, None)
+
+
+def test_time_decoder_flags_a_date_that_does_not_exist():
+    # The device calendar gives every month 31 days: 2026-02-30 is encodable.
+    value = ((26 * 12 + 1) * 31 + 29) * 86400 + (9 * 60 + 15) * 60
+    moment, problem = decode_time(value)
+    assert problem == "device date 2026-02-30 does not exist"
+    assert moment == datetime.datetime(2026, 3, 2, 9, 15)
+
+
+def test_40_byte_records_decode_user_id_time_status_and_punch():
+    buffer = blob([record_40(1, "1001", 1, T1, 0), record_40(2, "123456789", 15, T2, 1)])
+    punches = decode_attendance(buffer, 2)
+    assert [(p.user_id, p.timestamp, p.status, p.punch, p.bad_date) for p in punches] == [
+        ("1001", T1, 1, 0, None),
+        ("123456789", T2, 15, 1, None),
+    ]
+
+
+def test_longer_records_of_newer_firmware_are_stepped_by_their_own_size():
+    # SpeedFace-style 49-byte records: the 40-byte layout plus 9 more bytes.
+    buffer = blob(
+        [record_40(1, "7", 15, T1, 0, b"\xaa" * 9), record_40(2, "8", 15, T2, 1, b"\xbb" * 9)]
+    )
+    punches = decode_attendance(buffer, 2)
+    assert [(p.user_id, p.timestamp, p.punch) for p in punches] == [("7", T1, 0), ("8", T2, 1)]
+
+
+def test_16_byte_records_carry_a_numeric_user_id():
+    records = [
+        struct.pack("<I4sBB2sI", 1001, struct.pack("<I", encode_time(T1)), 1, 0, b"\0\0", 0),
+        struct.pack("<I4sBB2sI", 42, struct.pack("<I", encode_time(T2)), 4, 1, b"\0\0", 7),
+    ]
+    punches = decode_attendance(blob(records), 2)
+    assert [(p.user_id, p.timestamp, p.status, p.punch) for p in punches] == [
+        ("1001", T1, 1, 0),
+        ("42", T2, 4, 1),
+    ]
+
+
+def test_8_byte_records_map_the_internal_uid_to_the_user_id():
+    records = [
+        struct.pack("<HBBI", 3, 1, 0, encode_time(T1)),
+        struct.pack("<HBBI", 9, 1, 1, encode_time(T2)),
+    ]
+    punches = decode_attendance(blob(records), 2, user_ids_by_uid={3: "1003"})
+    # uid 9 is not in the user list: its uid stands in for the user id.
+    assert [(p.user_id, p.timestamp, p.punch) for p in punches] == [("1003", T1, 0), ("9", T2, 1)]
+
+
+def test_a_truncated_buffer_is_a_protocol_error_not_a_short_log():
+    buffer = blob([record_40(1, "1", 1, T1, 0), record_40(2, "2", 1, T2, 0)])
+    with pytest.raises(DeviceProtocolError, match="cut short"):
+        decode_attendance(buffer[:-10], 2)
+
+
+def test_a_count_that_does_not_divide_the_buffer_is_a_protocol_error():
+    buffer = blob([record_40(1, "1", 1, T1, 0), record_40(2, "2", 1, T2, 0)])
+    with pytest.raises(DeviceProtocolError, match="not a whole number of records"):
+        decode_attendance(buffer, 3)
+
+
+def test_an_unknown_record_size_is_a_protocol_error():
+    with pytest.raises(DeviceProtocolError, match="unknown attendance record size 12"):
+        decode_attendance(blob([b"\x01" * 12]), 1)
+
+
+def test_72_byte_users_decode_names_and_string_user_ids():
+    raw = struct.pack("<HB8s24sIx7sx24s", 5, 14, b"pw", "Ana Silvã".encode(), 99, b"1", b"A-1001")
+    (user,) = decode_users(blob([raw]), 1)
+    assert (user.uid, user.user_id, user.name, user.privilege, user.password, user.card) == (
+        5,
+        "A-1001",
+        "Ana Silvã",
+        14,
+        "pw",
+        99,
+    )
+    assert user.group_id == "1"
+
+
+def test_28_byte_users_decode_numeric_user_ids():
+    raw = struct.pack("<HB5s8sIxBhI", 2, 0, b"", b"Rui", 0, 1, 0, 1002)
+    (user,) = decode_users(blob([raw]), 1)
+    assert (user.uid, user.user_id, user.name, user.group_id) == (2, "1002", "Rui", "1")
+
+
+def test_an_empty_table_decodes_to_nothing_without_reading_the_buffer():
+    assert decode_attendance(b"", 0) == []
+    assert decode_users(b"", 0) == []
