@@ -262,3 +262,21 @@ class ProcessedAttendance(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id} on {self.work_date}"
+
+
+class ProcessingState(models.Model):
+    """Where incremental processing left off (core.processing), one row per pipeline.
+
+    `recent_runs` holds [started_at ISO, highest raw punch id seen] for the last
+    few runs: enough to re-read punches whose transaction committed after a run
+    had already read past their id (see core.processing for the reasoning).
+    """
+
+    name = models.CharField(max_length=50, unique=True)
+    last_raw_id = models.BigIntegerField(default=0)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    recent_runs = models.JSONField(default=list, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} (raw id {self.last_raw_id})"
