@@ -1,0 +1,179 @@
+import logging
+import sys
+from datetime import datetime, timedelta
+
+from django.core.management.base import BaseCommand, CommandError
+
+from core.zk.emulator import DeviceState, ZKEmulator
+
+GENERATE_DEFAULTS = {"users": 50, "punches": 5000, "days": 30, "seed": 1}
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost"}
+LOG_LEVELS = {0: logging.WARNING, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
+_log_handler = logging.StreamHandler(sys.stderr)
+_log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+
+
+def build_state(*, data: str | None, clock_offset: float, **generate) -> DeviceState:
+    """The device to serve: loaded from `data`, or generated (unset options take defaults).
+
+    Raises CommandError saying what to fix.
+    """
+    chosen = {key: value for key, value in generate.items() if value is not None}
+    if data:
+        if chosen:
+            names = ", ".join(f"--{key}" for key in chosen)
+            raise CommandError(f"--data serves the file as it is; drop {names} or drop --data.")
+        try:
+            return DeviceState.from_json(data)
+        except OSError as exc:
+            raise CommandError(f"Cannot read --data {data}: {exc.strerror or exc}.") from exc
+        except ValueError as exc:
+            raise CommandError(f"--data {data} is not a valid device file: {exc}.") from exc
+    try:
+        return DeviceState.generate(
+            **{**GENERATE_DEFAULTS, **chosen},
+            now=datetime.now() + timedelta(seconds=clock_offset),
+        )
+    except (ValueError, OverflowError) as exc:
+        raise CommandError(f"Cannot generate the device data: {exc}.") from exc
+
+
+class Command(BaseCommand):
+    help = (
+        "Runs a fake ZKTeco clock that speaks the binary protocol (TCP and UDP on one "
+        "port) until Ctrl-C. See docs/emulator.md."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1)."
+        )
+        parser.add_argument(
+            "--port", type=int, default=4370, help="TCP and UDP port; 0 picks a free one."
+        )
+        parser.add_argument("--data", metavar="FILE", help="Serve the device in this JSON file.")
+        generated = parser.add_argument_group(
+            "generated data (when --data is not given)",
+            "Defaults: "
+            + ", ".join(f"--{key} {value}" for key, value in GENERATE_DEFAULTS.items()),
+        )
+        generated.add_argument("--users", type=int, help="Number of employees.")
+        generated.add_argument("--punches", type=int, help="Exact number of attendance records.")
+        generated.add_argument("--days", type=int, help="The records span the last DAYS days.")
+        generated.add_argument("--seed", type=int, help="Same seed, same data.")
+        parser.add_argument(
+            "--save", metavar="FILE", help="Write the served device data to FILE as JSON first."
+        )
+        parser.add_argument(
+            "--comm-key", type=int, help="Device password (default: the file's, or 0)."
+        )
+        parser.add_argument(
+            "--chunked",
+            action="store_true",
+            help="Over TCP, answer bulk reads in 1504 chunks like a real clock.",
+        )
+        parser.add_argument(
+            "--clock-offset",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="Device clock minus this computer's clock.",
+        )
+        parser.add_argument(
+            "--live-interval",
+            type=float,
+            metavar="SECONDS",
+            help="While a client listens for events, someone punches this often.",
+        )
+        parser.add_argument(
+            "--drop-after-bytes",
+            type=int,
+            metavar="N",
+            help="Fault: reset each TCP connection after N bytes of replies.",
+        )
+        parser.add_argument(
+            "--delay-ms", type=float, default=0, help="Fault: wait this long before every reply."
+        )
+        parser.add_argument(
+            "--silent", action="store_true", help="Fault: accept connections, never answer."
+        )
+
+    def handle(self, *args, **options):
+        state = build_state(
+            data=options["data"],
+            clock_offset=options["clock_offset"],
+            **{key: options[key] for key in GENERATE_DEFAULTS},
+        )
+        if options["save"]:
+            try:
+                state.to_json(options["save"])
+            except OSError as exc:
+                raise CommandError(f"Cannot write --save {options['save']}: {exc}.") from exc
+        try:
+            emulator = ZKEmulator(
+                state,
+                host=options["host"],
+                port=options["port"],
+                comm_key=options["comm_key"],
+                chunked=options["chunked"],
+                drop_after_bytes=options["drop_after_bytes"],
+                delay_ms=options["delay_ms"],
+                silent=options["silent"],
+                live_interval=options["live_interval"],
+                clock_offset=options["clock_offset"],
+            )
+        except ValueError as exc:
+            raise CommandError(f"Bad option: {exc}.") from exc
+        self._log_to_stderr(options["verbosity"])
+        try:
+            emulator.start()
+        except OSError as exc:
+            raise CommandError(
+                f"Cannot listen on {options['host']}:{options['port']}: {exc.strerror or exc}. "
+                "Is something else using that port? Pick another with --port (0: any free one)."
+            ) from exc
+        self._describe(emulator, options)
+        try:
+            emulator.serve_forever()
+        except KeyboardInterrupt:
+            emulator.stop()
+        self.stdout.write("Emulator stopped.")
+
+    def _log_to_stderr(self, verbosity: int) -> None:
+        # Per-command lines at -v 2, frames and skipped bytes at -v 3, only
+        # problems below; kept off the project's root handler.
+        logger = logging.getLogger("core.zk.emulator")
+        logger.setLevel(LOG_LEVELS.get(verbosity, logging.DEBUG))
+        if _log_handler not in logger.handlers:
+            logger.addHandler(_log_handler)
+        logger.propagate = False
+
+    def _describe(self, emulator: ZKEmulator, options: dict) -> None:
+        state = emulator.state
+        write = self.stdout.write
+        write(f"ZK emulator listening on {emulator.host}:{emulator.port} (TCP and UDP)")
+        write(
+            f"Serving {state.device_name} {state.serial_number}: {len(state.users)} users, "
+            f"{len(state.attendance)} attendance records, {len(state.templates)} fingerprint "
+            f"templates; comm key {emulator.comm_key or 'none (0)'}"
+        )
+        bulk = "1504 chunks (--chunked)" if emulator.chunked else "one DATA frame per table"
+        write(f"  TCP: 72-byte users, 40-byte records, bulk reads in {bulk}")
+        write("  UDP: 28-byte users, 16-byte records, bulk reads in 1504 chunks")
+        if options["live_interval"]:
+            write(f"  live punches every {options['live_interval']} s while a client listens")
+        faults = [
+            f"reset after {emulator.drop_after_bytes} bytes"
+            if emulator.drop_after_bytes is not None
+            else "",
+            f"{emulator.delay_ms:g} ms delay" if emulator.delay_ms else "",
+            "silent" if emulator.silent else "",
+        ]
+        if any(faults):
+            write(f"  faults: {', '.join(f for f in faults if f)}")
+        if emulator.host not in LOOPBACK_HOSTS:
+            write(self.style.WARNING(f"  {emulator.host} is reachable from other machines."))
+        if options["save"]:
+            write(f"  device data written to {options['save']}")
+        write("Ctrl-C to stop.")
+        self.stdout.flush()
