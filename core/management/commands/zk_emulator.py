@@ -124,7 +124,21 @@ class Command(BaseCommand):
             )
         except ValueError as exc:
             raise CommandError(f"Bad option: {exc}.") from exc
-        self._log_to_stderr(options["verbosity"])
+        # Per-command lines at -v 2, checksums and skipped bytes at -v 3, only
+        # problems below; kept off the project's root handler while we run.
+        logger = logging.getLogger("core.zk.emulator")
+        saved_level, saved_propagate = logger.level, logger.propagate
+        logger.setLevel(LOG_LEVELS.get(options["verbosity"], logging.DEBUG))
+        logger.addHandler(_log_handler)
+        logger.propagate = False
+        try:
+            self._serve(emulator, options)
+        finally:
+            logger.removeHandler(_log_handler)
+            logger.setLevel(saved_level)
+            logger.propagate = saved_propagate
+
+    def _serve(self, emulator: ZKEmulator, options: dict) -> None:
         try:
             emulator.start()
         except OSError as exc:
@@ -138,15 +152,6 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             emulator.stop()
         self.stdout.write("Emulator stopped.")
-
-    def _log_to_stderr(self, verbosity: int) -> None:
-        # Per-command lines at -v 2, frames and skipped bytes at -v 3, only
-        # problems below; kept off the project's root handler.
-        logger = logging.getLogger("core.zk.emulator")
-        logger.setLevel(LOG_LEVELS.get(verbosity, logging.DEBUG))
-        if _log_handler not in logger.handlers:
-            logger.addHandler(_log_handler)
-        logger.propagate = False
 
     def _describe(self, emulator: ZKEmulator, options: dict) -> None:
         state = emulator.state
