@@ -1,0 +1,24 @@
+import pytest
+
+from core.zk.emulator import DeviceState, ZKEmulator
+
+
+@pytest.fixture
+def zk_emulator():
+    """Starts ZK device emulators on free loopback ports; stops them after the test.
+
+    ``zk_emulator(state, **options)`` returns a running ZKEmulator; without a state
+    it serves 10 generated users and 300 punches.
+    """
+    running = []
+
+    def start(state: DeviceState | None = None, **options) -> ZKEmulator:
+        if state is None:
+            state = DeviceState.generate(users=10, punches=300, days=20, seed=11)
+        emulator = ZKEmulator(state, host="127.0.0.1", port=0, **options).start()
+        running.append(emulator)
+        return emulator
+
+    yield start
+    for emulator in running:
+        emulator.stop()
