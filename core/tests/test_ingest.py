@@ -1,0 +1,352 @@
+"""Polling devices into RawAttendance, over real loopback sockets to the emulator."""
+
+import datetime
+import socket
+from contextlib import contextmanager
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from core.ingest import device_poll, device_sync_time, device_test, devices_poll
+from core.models import Device, Employee, RawAttendance
+from core.tests.factories import DeviceFactory
+from core.zk.emulator import DeviceState, ZKEmulator
+
+pytestmark = pytest.mark.django_db
+
+UTC = datetime.UTC
+
+
+def state_with(punches, *, users=("1001", "1002")) -> DeviceState:
+    """A device holding exactly these (user_id, naive local time) punches."""
+    return DeviceState.from_dict(
+        {
+            "serial_number": "EMU-TEST",
+            "firmware": "Ver 6.60 Apr 28 2017",
+            "device_name": "K40",
+            "platform": "ZMM220_TFT",
+            "comm_key": 0,
+            "users": [
+                {
+                    "uid": index + 1,
+                    "user_id": user_id,
+                    "name": f"Person {user_id}",
+                    "privilege": 0,
+                    "password": "",
+                    "card": 0,
+                    "group_id": "",
+                }
+                for index, user_id in enumerate(users)
+            ],
+            "attendance": [
+                {
+                    "user_id": user_id,
+                    "timestamp": moment.strftime("%Y-%m-%d %H:%M:%S"),
+                    "status": 1,
+                    "punch": index % 2,
+                }
+                for index, (user_id, moment) in enumerate(punches)
+            ],
+        }
+    )
+
+
+def day_punches(count: int, *, start=datetime.datetime(2026, 11, 2, 8, 0)) -> list:
+    return [
+        ("1001" if i % 2 else "1002", start + datetime.timedelta(minutes=i)) for i in range(count)
+    ]
+
+
+@contextmanager
+def emulated(state: DeviceState, **device_fields):
+    with ZKEmulator(state, host="127.0.0.1", port=0, **device_fields.pop("emulator", {})) as emu:
+        device = DeviceFactory(ip_address=emu.host, port=emu.port, **device_fields)
+        yield emu, device
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stored(device: Device) -> list[tuple]:
+    return list(
+        RawAttendance.objects.filter(device=device)
+        .order_by("timestamp", "user_id")
+        .values_list("user_id", "timestamp", "punch_state")
+    )
+
+
+# --- Round trips ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_punches_round_trip_exactly_as_utc(protocol):
+    punches = day_punches(30)
+    with emulated(state_with(punches), protocol=protocol) as (_emu, device):
+        result = device_poll(device=device)
+
+    assert result.ok, result.error
+    assert (result.new, result.duplicates, result.suspect) == (30, 0, 0)
+    expected = sorted(
+        (user_id, moment.replace(tzinfo=UTC), index % 2)
+        for index, (user_id, moment) in enumerate(punches)
+    )
+    assert sorted(stored(device)) == expected
+
+
+def test_device_in_a_dst_zone_converts_local_times_to_utc_across_both_changes():
+    lisbon = [
+        ("1001", datetime.datetime(2026, 3, 29, 0, 30)),  # WET, UTC+0
+        ("1001", datetime.datetime(2026, 3, 29, 1, 30)),  # skipped hour: offset before the gap
+        ("1001", datetime.datetime(2026, 7, 1, 8, 0)),  # WEST, UTC+1
+        ("1001", datetime.datetime(2026, 10, 25, 1, 30)),  # repeated hour: first occurrence
+        ("1001", datetime.datetime(2026, 10, 25, 2, 30)),  # WET again
+    ]
+    with emulated(state_with(lisbon), timezone="Europe/Lisbon") as (_emu, device):
+        device_poll(device=device)
+
+    assert [row[1] for row in stored(device)] == [
+        datetime.datetime(2026, 3, 29, 0, 30, tzinfo=UTC),
+        datetime.datetime(2026, 3, 29, 1, 30, tzinfo=UTC),
+        datetime.datetime(2026, 7, 1, 7, 0, tzinfo=UTC),
+        datetime.datetime(2026, 10, 25, 0, 30, tzinfo=UTC),
+        datetime.datetime(2026, 10, 25, 2, 30, tzinfo=UTC),
+    ]
+
+
+def test_device_users_become_employees_linked_to_the_device():
+    with emulated(state_with(day_punches(2), users=("1001", "1002", "2001"))) as (_emu, device):
+        result = device_poll(device=device)
+
+    assert result.users == 3
+    assert set(device.employees.values_list("user_id", "name")) == {
+        ("1001", "Person 1001"),
+        ("1002", "Person 1002"),
+        ("2001", "Person 2001"),
+    }
+
+
+def test_device_facts_and_clock_drift_are_recorded():
+    state = state_with(day_punches(4))
+    with emulated(state, emulator={"clock_offset": 120}) as (_emu, device):
+        device_poll(device=device)
+
+    device.refresh_from_db()
+    assert device.serial_number == "EMU-TEST"
+    assert device.firmware == "Ver 6.60 Apr 28 2017"
+    assert (device.user_count, device.record_count) == (2, 4)
+    assert device.record_capacity >= 4
+    assert 110 <= device.clock_drift_seconds <= 130
+    assert device.last_success_at is not None
+    assert device.consecutive_failures == 0
+
+
+# --- Idempotence -----------------------------------------------------------------------
+
+
+def test_repoll_skips_duplicates_and_stores_only_new_punches():
+    state = state_with(day_punches(10))
+    with emulated(state) as (_emu, device):
+        first = device_poll(device=device)
+        for user_id, moment in day_punches(3, start=datetime.datetime(2026, 11, 3, 8, 0)):
+            state.add_punch(user_id=user_id, timestamp=moment, status=1, punch=0)
+        second = device_poll(device=device)
+
+    assert (first.new, first.duplicates) == (10, 0)
+    assert (second.new, second.duplicates, second.downloaded) == (3, 10, 13)
+    assert RawAttendance.objects.filter(device=device).count() == 13
+
+
+def test_repoll_of_unchanged_device_downloads_nothing():
+    with emulated(state_with(day_punches(10))) as (_emu, device):
+        device_poll(device=device)
+        again = device_poll(device=device)
+
+    assert again.ok and again.quick
+    assert again.downloaded == 0
+    assert RawAttendance.objects.filter(device=device).count() == 10
+
+
+def test_full_download_is_forced_after_full_poll_hours_even_with_the_same_count(settings):
+    # A log cleared and refilled to the same count looks unchanged to a quick poll.
+    state = state_with(day_punches(4))
+    with emulated(state) as (emu, device):
+        device_poll(device=device)
+        emu.state.clear_attendance()
+        for user_id, moment in day_punches(4, start=datetime.datetime(2026, 11, 9, 8, 0)):
+            state.add_punch(user_id=user_id, timestamp=moment, status=1, punch=0)
+        quick = device_poll(device=device)
+        Device.objects.filter(pk=device.pk).update(
+            last_full_download_at=device.last_full_download_at
+            - datetime.timedelta(hours=settings.FULL_POLL_HOURS)
+        )
+        device.refresh_from_db()
+        full = device_poll(device=device)
+
+    assert quick.quick and quick.new == 0
+    assert not full.quick and full.new == 4
+    assert RawAttendance.objects.filter(device=device).count() == 8
+
+
+def test_poll_query_count_does_not_grow_with_the_number_of_punches():
+    counts = []
+    for size in (20, 2000):
+        with emulated(state_with(day_punches(size))) as (_emu, device):
+            with CaptureQueriesContext(connection) as queries:
+                result = device_poll(device=device)
+        assert result.new == size
+        counts.append(len(queries))
+    assert counts[0] == counts[1]
+
+
+# --- Suspect punches -------------------------------------------------------------------
+
+
+def test_punches_with_impossible_times_are_kept_and_flagged():
+    punches = [
+        ("1001", datetime.datetime(2000, 1, 1, 0, 0, 5)),  # a reset clock
+        ("1001", datetime.datetime.now() + datetime.timedelta(days=3)),  # noqa: DTZ005 device-local
+        ("1002", datetime.datetime(2026, 11, 2, 8, 0)),
+    ]
+    with emulated(state_with(punches)) as (_emu, device):
+        result = device_poll(device=device)
+
+    assert (result.new, result.suspect) == (3, 2)
+    reasons = list(
+        RawAttendance.objects.filter(is_suspect=True).values_list("suspect_reason", flat=True)
+    )
+    assert len(reasons) == 2
+    assert any("before 2001: the device clock was not set" in reason for reason in reasons)
+    assert any("more than a day ahead of the device clock" in reason for reason in reasons)
+    assert not RawAttendance.objects.get(user_id="1002").is_suspect
+
+
+# --- Failures --------------------------------------------------------------------------
+
+
+def assert_failed(device: Device, result, fragment: str) -> None:
+    device.refresh_from_db()
+    assert not result.ok
+    assert fragment in result.error
+    assert device.last_error == result.error
+    assert device.consecutive_failures == 1
+    assert not RawAttendance.objects.filter(device=device).exists()
+
+
+def test_device_that_is_down_records_an_error_and_stores_nothing():
+    device = DeviceFactory(ip_address="127.0.0.1", port=free_port(), timeout_seconds=2)
+    result = device_poll(device=device)
+    assert_failed(device, result, "cannot talk to")
+
+
+def test_silent_device_times_out():
+    state = state_with(day_punches(3))
+    with emulated(state, timeout_seconds=1, emulator={"silent": True}) as (_emu, device):
+        result = device_poll(device=device)
+    assert_failed(device, result, "did not answer within 1 s")
+
+
+def test_wrong_comm_key_is_reported_as_an_authentication_failure():
+    state = state_with(day_punches(3))
+    with emulated(state, comm_key=1234, emulator={"comm_key": 4321}) as (_emu, device):
+        result = device_poll(device=device)
+    assert_failed(device, result, "rejected the comm key")
+
+
+def test_right_comm_key_polls():
+    state = state_with(day_punches(3))
+    with emulated(state, comm_key=4321, emulator={"comm_key": 4321}) as (_emu, device):
+        result = device_poll(device=device)
+    assert result.ok and result.new == 3
+
+
+def test_connection_dropped_mid_transfer_stores_no_partial_data():
+    state = state_with(day_punches(3000))
+    emulator = {"drop_after_bytes": 50_000}
+    with emulated(state, timeout_seconds=3, emulator=emulator) as (_emu, device):
+        result = device_poll(device=device)
+    assert_failed(device, result, "")
+    assert "mid-transfer" in result.error or "lost" in result.error
+
+
+def test_consecutive_failures_count_up_and_reset_on_success():
+    state = state_with(day_punches(3))
+    with emulated(state, comm_key=1, emulator={"comm_key": 2}) as (_emu, device):
+        device_poll(device=device)
+        device_poll(device=device)
+    device.refresh_from_db()
+    assert device.consecutive_failures == 2
+
+    with ZKEmulator(state_with(day_punches(3)), port=0) as emu:
+        Device.objects.filter(pk=device.pk).update(port=emu.port, comm_key=0)
+        device.refresh_from_db()
+        assert device_poll(device=device).ok
+    device.refresh_from_db()
+    assert (device.consecutive_failures, device.last_error) == (0, "")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_failing_device_does_not_stop_the_others():
+    dead = DeviceFactory(name="Dead", ip_address="127.0.0.1", port=free_port(), timeout_seconds=2)
+    with emulated(state_with(day_punches(5)), name="Alive") as (_emu, alive):
+        results = {r.device_name: r for r in devices_poll(devices=[dead, alive])}
+    assert not results["Dead"].ok
+    assert results["Alive"].ok and results["Alive"].new == 5
+    assert RawAttendance.objects.filter(device=alive).count() == 5
+
+
+# --- Clock and test ----------------------------------------------------------------------
+
+
+def test_sync_time_sets_the_device_clock_to_now_in_its_zone():
+    with emulated(state_with([]), timezone="Asia/Tokyo", emulator={"clock_offset": -3600}) as (
+        emu,
+        device,
+    ):
+        device_sync_time(device=device)
+        report = device_test(device=device)
+    assert report.ok
+    assert abs(report.clock_drift_seconds) < 5
+
+
+# --- Commands ----------------------------------------------------------------------------
+
+
+def test_poll_devices_command_prints_a_line_per_device(capsys):
+    with emulated(state_with(day_punches(6)), name="Front door"):
+        call_command("poll_devices")
+    out = capsys.readouterr().out
+    assert "Front door: 6 new, 0 duplicate, 0 suspect of 6 downloaded" in out
+
+
+def test_poll_devices_command_fails_when_a_device_fails():
+    DeviceFactory(name="Gone", ip_address="127.0.0.1", port=free_port(), timeout_seconds=2)
+    with pytest.raises(CommandError, match="1 of 1 device"):
+        call_command("poll_devices", device=["Gone"])
+
+
+def test_poll_devices_command_rejects_an_unknown_device_name():
+    with pytest.raises(CommandError, match="No device named 'Nope'"):
+        call_command("poll_devices", device=["Nope"])
+
+
+def test_test_device_command_shows_counts_against_capacity(capsys):
+    with emulated(state_with(day_punches(8)), name="Lobby"):
+        call_command("test_device", "Lobby")
+    out = capsys.readouterr().out
+    assert "Lobby (127.0.0.1:" in out and "OK" in out
+    assert "serial number  EMU-TEST" in out
+    assert "records        8 of" in out
+
+
+def test_employees_are_not_duplicated_across_devices():
+    with emulated(state_with(day_punches(2)), name="A") as (_emu, a):
+        device_poll(device=a)
+    with emulated(state_with(day_punches(2)), name="B") as (_emu, b):
+        device_poll(device=b)
+    assert Employee.objects.count() == 2
+    assert set(Employee.objects.get(user_id="1001").devices.all()) == {a, b}
