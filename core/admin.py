@@ -1,10 +1,22 @@
+import datetime
+from zoneinfo import ZoneInfo
+
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
-from django.db.models import OuterRef, Subquery
-from django.utils.html import format_html
+from django.db.models import OuterRef, Q, Subquery
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from core.ingest import device_sync_time, device_test, devices_poll
 from core.models import Device, Employee, ProcessedAttendance, RawAttendance
+from core.processing import (
+    attendance_discard_edits,
+    attendance_edit,
+    attendance_mark_reviewed,
+    attendance_recompute,
+)
 from core.zk.client import DeviceError
 
 # --- Devices -------------------------------------------------------------------------
@@ -227,9 +239,305 @@ class RawAttendanceAdmin(admin.ModelAdmin):
 # --- Daily attendance (core.processing) ---------------------------------------------
 
 
+class WorkDateRangeFilter(admin.FieldListFilter):
+    """From/to date inputs (`?work_date__gte=…&work_date__lte=…`); either may be left empty."""
+
+    template = "admin/core/date_range_filter.html"
+
+    def __init__(self, field, request, params, model, model_admin, field_path):
+        self.lookup_gte = f"{field_path}__gte"
+        self.lookup_lte = f"{field_path}__lte"
+        self.current = {name: request.GET.get(name, "") for name in self.expected_parameters()}
+        self.others = [
+            (name, value)
+            for name, values in request.GET.lists()
+            if name not in self.expected_parameters() and name not in ("p", "e")
+            for value in values
+        ]
+        super().__init__(field, request, params, model, model_admin, field_path)
+        self.title = f"{self.title} range"
+
+    def expected_parameters(self):
+        return [self.lookup_gte, self.lookup_lte]
+
+    def queryset(self, request, queryset):
+        bounds = {}
+        for name, value in self.current.items():
+            if value:
+                try:
+                    bounds[name] = datetime.date.fromisoformat(value)
+                except ValueError:
+                    raise admin.options.IncorrectLookupParameters(
+                        f"{value!r} is not a date like 2026-11-02."
+                    ) from None
+        return queryset.filter(**bounds)
+
+    def choices(self, changelist):
+        yield {
+            "gte_name": self.lookup_gte,
+            "lte_name": self.lookup_lte,
+            "gte": self.current[self.lookup_gte],
+            "lte": self.current[self.lookup_lte],
+            "others": self.others,
+            "clear": changelist.get_query_string(remove=self.expected_parameters()),
+        }
+
+
+class PeriodFilter(admin.SimpleListFilter):
+    """The periods HR closes: weeks and months, this one and the last."""
+
+    title = "period"
+    parameter_name = "range"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("yesterday", "Yesterday"),
+            ("this_week", "This week"),
+            ("last_week", "Last week"),
+            ("this_month", "This month"),
+            ("last_month", "Last month"),
+        ]
+
+    def queryset(self, request, queryset):
+        today = timezone.localdate()
+        monday = today - datetime.timedelta(days=today.weekday())
+        first = today.replace(day=1)
+        previous_first = (first - datetime.timedelta(days=1)).replace(day=1)
+        spans = {
+            "yesterday": (today - datetime.timedelta(days=1), today - datetime.timedelta(days=1)),
+            "this_week": (monday, today),
+            "last_week": (monday - datetime.timedelta(days=7), monday - datetime.timedelta(days=1)),
+            "this_month": (first, today),
+            "last_month": (previous_first, first - datetime.timedelta(days=1)),
+        }
+        span = spans.get(self.value())
+        if span is None:
+            return queryset
+        return queryset.filter(work_date__gte=span[0], work_date__lte=span[1])
+
+
+class DeviceFilter(admin.SimpleListFilter):
+    """Days clocked in or out on a device."""
+
+    title = "device"
+    parameter_name = "device"
+
+    def lookups(self, request, model_admin):
+        return [(str(pk), name) for pk, name in Device.objects.values_list("pk", "name")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if not value or not value.isdigit():
+            return queryset
+        return queryset.filter(Q(clock_in_device_id=value) | Q(clock_out_device_id=value))
+
+
+class ProcessedAttendanceForm(forms.ModelForm):
+    class Meta:
+        model = ProcessedAttendance
+        fields = ["clock_in", "clock_out"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["clock_in"].required = True
+
+    def clean(self):
+        cleaned = super().clean()
+        clock_in, clock_out = cleaned.get("clock_in"), cleaned.get("clock_out")
+        if clock_in and clock_out and clock_out <= clock_in:
+            raise forms.ValidationError("The clock-out must be after the clock-in.")
+        return cleaned
+
+
+def _zone(device: Device | None) -> ZoneInfo:
+    return device.zone if device is not None else ZoneInfo(settings.DEVICE_DEFAULT_TIMEZONE)
+
+
+def _local_clock(moment, device, work_date) -> str:
+    if moment is None:
+        return "—"
+    local = moment.astimezone(_zone(device))
+    days = (local.date() - work_date).days
+    return f"{local:%H:%M}" + (f" ({days:+d}d)" if days else "")
+
+
 @admin.register(ProcessedAttendance)
 class ProcessedAttendanceAdmin(admin.ModelAdmin):
-    list_display = ["work_date", "user_id", "clock_in", "clock_out", "is_outlier", "sync_state"]
-    list_filter = ["is_outlier", "sync_state"]
-    search_fields = ["user_id"]
+    """HR's view of the days. Editing clock-in/out makes a day manual (core.processing)."""
+
+    form = ProcessedAttendanceForm
+    list_display = [
+        "work_date",
+        "user_id",
+        "employee_name",
+        "clock_in_local",
+        "clock_out_local",
+        "worked",
+        "punch_count",
+        "is_outlier",
+        "reasons",
+        "notes",
+        "version",
+        "sync_state",
+    ]
+    list_filter = [
+        ("work_date", WorkDateRangeFilter),
+        PeriodFilter,
+        "is_outlier",
+        "sync_state",
+        DeviceFilter,
+        "is_manual",
+        "has_newer_punches",
+    ]
     date_hierarchy = "work_date"
+    search_fields = ["=user_id", "employee__name"]
+    list_select_related = ["employee", "clock_in_device", "clock_out_device"]
+    show_full_result_count = False  # COUNT(*) over years of days on every page
+    actions = ["recompute", "mark_reviewed", "discard_edits"]
+    fieldsets = [
+        (None, {"fields": ["user_id", "employee", "work_date"]}),
+        (
+            "Times (in the clock-in device's zone; editing them makes the day manual)",
+            {"fields": [("clock_in", "clock_in_device"), ("clock_out", "clock_out_device")]},
+        ),
+        (
+            "Computed",
+            {
+                "fields": [
+                    ("punch_count", "ignored_suspect_punches"),
+                    "worked",
+                    "is_outlier",
+                    "reasons",
+                ]
+            },
+        ),
+        (
+            "HR",
+            {
+                "fields": [
+                    ("is_manual", "has_newer_punches"),
+                    ("edited_by", "edited_at"),
+                    ("reviewed_by", "reviewed_at"),
+                ]
+            },
+        ),
+        (
+            "Delivery to the CRM",
+            {
+                "fields": [
+                    ("version", "synced_version", "sync_state"),
+                    ("sync_attempts", "last_sync_attempt", "next_sync_at"),
+                    "last_sync_error",
+                    ("created_at", "updated_at"),
+                ]
+            },
+        ),
+    ]
+    readonly_fields = [
+        "user_id",
+        "employee",
+        "work_date",
+        "clock_in_device",
+        "clock_out_device",
+        "punch_count",
+        "ignored_suspect_punches",
+        "worked",
+        "is_outlier",
+        "reasons",
+        "is_manual",
+        "has_newer_punches",
+        "edited_by",
+        "edited_at",
+        "reviewed_by",
+        "reviewed_at",
+        "version",
+        "synced_version",
+        "sync_state",
+        "sync_attempts",
+        "last_sync_attempt",
+        "next_sync_at",
+        "last_sync_error",
+        "created_at",
+        "updated_at",
+    ]
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        # The form shows and reads times on the clock-in device's clock, as HR knows them.
+        zone_name = (
+            ProcessedAttendance.objects.filter(pk=object_id)
+            .values_list("clock_in_device__timezone", flat=True)
+            .first()
+            if object_id and str(object_id).isdigit()
+            else None
+        )
+        zone = ZoneInfo(zone_name or settings.DEVICE_DEFAULT_TIMEZONE)
+        with timezone.override(zone):
+            return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def save_model(self, request, obj, form, change):
+        if {"clock_in", "clock_out"} & set(form.changed_data):
+            edited = attendance_edit(
+                record_id=obj.pk,
+                clock_in=form.cleaned_data["clock_in"],
+                clock_out=form.cleaned_data["clock_out"],
+                user=request.user,
+            )
+            obj.__dict__.update(edited.__dict__)
+
+    def has_add_permission(self, request):
+        return False  # days come from punches
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # the next run would rebuild it; edit it instead
+
+    @admin.display(description="employee", ordering="employee__name")
+    def employee_name(self, row):
+        return row.employee.name if row.employee else ""
+
+    @admin.display(description="in", ordering="clock_in")
+    def clock_in_local(self, row):
+        return _local_clock(row.clock_in, row.clock_in_device, row.work_date)
+
+    @admin.display(description="out", ordering="clock_out")
+    def clock_out_local(self, row):
+        return _local_clock(
+            row.clock_out, row.clock_out_device or row.clock_in_device, row.work_date
+        )
+
+    @admin.display(description="outlier reasons")
+    def reasons(self, row):
+        return format_html_join(
+            mark_safe("<br>"), "{}", ((r["message"],) for r in row.outlier_reasons)
+        )
+
+    @admin.display(description="notes")
+    def notes(self, row):
+        notes = []
+        if row.is_manual:
+            notes.append("edited by HR")
+        if row.has_newer_punches:
+            notes.append("newer punches since the edit")
+        if row.ignored_suspect_punches:
+            notes.append(f"{row.ignored_suspect_punches} suspect punch(es) ignored")
+        if row.reviewed_at:
+            notes.append("reviewed")
+        if row.clock_in is None:
+            notes.append("no punches any more (sent to the CRM as a correction)")
+        return "; ".join(notes)
+
+    @admin.action(description="Recompute from punches")
+    def recompute(self, request, queryset):
+        result = attendance_recompute(ids=queryset.values_list("pk", flat=True))
+        self.message_user(request, f"Recomputed: {result.summary()}", messages.SUCCESS)
+
+    @admin.action(description="Mark reviewed")
+    def mark_reviewed(self, request, queryset):
+        count = attendance_mark_reviewed(
+            ids=queryset.values_list("pk", flat=True), user=request.user
+        )
+        self.message_user(request, f"{count} day(s) marked reviewed.", messages.SUCCESS)
+
+    @admin.action(description="Discard HR edits and recompute from punches")
+    def discard_edits(self, request, queryset):
+        result = attendance_discard_edits(ids=queryset.values_list("pk", flat=True))
+        self.message_user(request, f"Edits discarded: {result.summary()}", messages.SUCCESS)
