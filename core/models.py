@@ -145,7 +145,11 @@ class RawAttendance(models.Model):
         CARD = 4, "Card"
         FACE = 15, "Face"
 
-    device = models.ForeignKey(Device, on_delete=models.PROTECT, related_name="punches")
+    # No index of its own: the unique (device, user_id, timestamp) constraint
+    # serves lookups by device, and every index slows the bulk insert of a poll.
+    device = models.ForeignKey(
+        Device, on_delete=models.PROTECT, related_name="punches", db_index=False
+    )
     user_id = models.CharField("user ID", max_length=24)
     timestamp = models.DateTimeField(help_text="When the punch happened, in UTC.")
     # The device's raw status byte, kept as sent; verify_type is what it means
