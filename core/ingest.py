@@ -136,15 +136,18 @@ def _rows(
     return rows, suspect
 
 
+_COLUMNS = (
+    "user_id varchar, ts timestamptz, status smallint, punch_state smallint, "
+    "verify_type smallint, is_suspect boolean, suspect_reason varchar"
+)
+_COPY_TYPES = ["varchar", "timestamptz", "int2", "int2", "int2", "bool", "varchar"]
+
 _PG_INSERT = f"""
     INSERT INTO {RawAttendance._meta.db_table}
         (device_id, user_id, "timestamp", status, punch_state, verify_type,
          is_suspect, suspect_reason, received_at)
-    SELECT %s, r.user_id, r.ts, r.status, r.punch_state, r.verify_type,
-           r.is_suspect, r.suspect_reason, %s
-    FROM unnest(%s::varchar[], %s::timestamptz[], %s::smallint[], %s::smallint[],
-                %s::smallint[], %s::boolean[], %s::varchar[])
-         AS r(user_id, ts, status, punch_state, verify_type, is_suspect, suspect_reason)
+    SELECT %s, user_id, ts, status, punch_state, verify_type, is_suspect, suspect_reason, %s
+    FROM incoming_punches
     ON CONFLICT (device_id, user_id, "timestamp") DO NOTHING
 """
 
@@ -159,25 +162,32 @@ _SQLITE_INSERT = f"""
 def punches_store(*, device: Device, rows: Sequence[tuple], received_at: datetime.datetime) -> int:
     """Inserts punch rows, skipping ones already stored. Returns how many were new.
 
-    Set-based: one statement per INSERT_BATCH rows on PostgreSQL (arrays
-    unnested server-side), one executemany per batch elsewhere.
+    Set-based: on PostgreSQL the rows are streamed with binary COPY into a
+    temporary table and inserted with one INSERT ... ON CONFLICT DO NOTHING;
+    elsewhere one executemany per INSERT_BATCH rows with INSERT OR IGNORE.
     """
-    new = 0
-    with connection.cursor() as cursor:
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"CREATE TEMPORARY TABLE incoming_punches ({_COLUMNS}) ON COMMIT DROP")
+            with cursor.copy("COPY incoming_punches FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(_COPY_TYPES)
+                for row in rows:
+                    copy.write_row(row)
+            cursor.execute(_PG_INSERT, [device.pk, received_at])
+            new = cursor.rowcount
+            cursor.execute("DROP TABLE incoming_punches")
+            return new
+        new = 0
+        adapt = connection.ops.adapt_datetimefield_value
+        stamp = adapt(received_at)
         for start in range(0, len(rows), INSERT_BATCH):
             batch = rows[start : start + INSERT_BATCH]
-            if connection.vendor == "postgresql":
-                columns = list(zip(*batch, strict=True))
-                cursor.execute(_PG_INSERT, [device.pk, received_at, *map(list, columns)])
-            else:
-                adapt = connection.ops.adapt_datetimefield_value
-                stamp = adapt(received_at)
-                cursor.executemany(
-                    _SQLITE_INSERT,
-                    [(device.pk, row[0], adapt(row[1]), *row[2:], stamp) for row in batch],
-                )
+            cursor.executemany(
+                _SQLITE_INSERT,
+                [(device.pk, row[0], adapt(row[1]), *row[2:], stamp) for row in batch],
+            )
             new += max(cursor.rowcount, 0)
-    return new
+        return new
 
 
 def employees_store(*, device: Device, users: Iterable[DeviceUser]) -> int:
