@@ -565,10 +565,51 @@ def test_event_frames_have_the_event_layout_and_stop_after_reg_event_0(
     timehex = event.payload[6:12] if udp else event.payload[26:32]
     assert timehex == bytes((26, 11, 2, 8, 1, 7))
     raw.send(CMD_ACK_OK, reply_id=0)
+    assert raw.call(CMD_REG_EVENT, struct.pack("<I", 1)).command == CMD_ACK_OK
+
+    # Two punches at once: the second waits for the client's ACK_OK, which
+    # comes together with REG_EVENT 0, so the second must never be sent.
+    emu.push_punch("1003")
+    emu.push_punch("1004")
+    assert raw.receive().command == CMD_REG_EVENT
+    raw.send(CMD_ACK_OK, reply_id=0)
     assert raw.call(CMD_REG_EVENT, struct.pack("<I", 0)).command == CMD_ACK_OK
     emu.push_punch("1002")
     with pytest.raises(TimeoutError):
         raw.receive(timeout=0.5)
+
+
+@TRANSPORTS
+def test_chunked_reads_send_prepare_data_then_ack_for_each_1504(zk_emulator, raw_client, udp):
+    state = small_state(punches=2000)
+    raw = raw_client(zk_emulator(state, chunked=True), udp=udp)
+    raw.connect()
+    record_size = 16 if udp else 40
+    size = 4 + 2000 * record_size
+    announced = raw.call(1503, struct.pack("<bhii", 1, 13, 0, 0))
+    assert (announced.command, announced.payload) == (
+        CMD_ACK_OK,
+        struct.pack("<BIII", 0, size, size, 0),
+    )
+    blob = b""
+    for start in range(0, size, 30_000):
+        length = min(30_000, size - start)
+        prepare = raw.call(1504, struct.pack("<ii", start, length))
+        # pyzk skips exactly 8 bytes of PREPARE_DATA payload before the data.
+        assert (prepare.command, prepare.payload) == (1500, struct.pack("<II", length, 1008))
+        frames = [raw.receive()]
+        while frames[-1].command == 1501:
+            frames.append(raw.receive())
+        assert frames[-1] == Reply(CMD_ACK_OK, raw.session_id, raw.reply_id, b"")
+        pieces = [f.payload for f in frames[:-1]]
+        # TCP: one DATA frame per chunk (pyzk recv()s once per frame); UDP:
+        # datagrams that fit pyzk's recv(1032).
+        assert all(len(p) <= 1024 for p in pieces) if udp else len(pieces) == 1
+        assert {f.reply_id for f in frames} == {raw.reply_id}
+        blob += b"".join(pieces)
+    assert struct.unpack_from("<I", blob)[0] == size - 4 and len(blob) == size
+    assert raw.call(1502).command == CMD_ACK_OK
+    assert raw.call(1504, struct.pack("<ii", 0, 100)).command == CMD_ACK_ERROR
 
 
 # --- Faults -------------------------------------------------------------------------

@@ -116,6 +116,7 @@ PREPARE_PIECE_SIZE = 1008
 # An event is pushed only after the client acknowledged the previous one (or
 # this long passed): two events in one TCP read make pyzk mis-parse (§2.3).
 EVENT_ACK_WAIT = 2.0
+MAX_QUEUED_EVENTS = 1000
 
 POLL_INTERVAL = 0.05
 # A peer that stops reading mid-transfer gets its connection closed after this.
@@ -266,7 +267,7 @@ _BREAK_HOURS = (4.0, 2.0, 6.5)
 
 def _gauss_seconds(rng: random.Random, mean_min: float, sigma_min: float, limit_min: float) -> int:
     value = rng.gauss(mean_min, sigma_min)
-    return int(max(-limit_min, min(limit_min, value)) * 60) + rng.randrange(60)
+    return int((max(-limit_min, min(limit_min, value)) + rng.random()) * 60)
 
 
 class DeviceState:
@@ -528,11 +529,13 @@ class DeviceState:
             if len(log) >= punches:
                 break
             day = now.date() - timedelta(k)
+            midnight = datetime.combine(day, dtime())
             for user_id, night, start_minute, status in people:
                 if not _works(rng, night, day):
                     continue
                 breaks = int(extra_per_shift) + (rng.random() < extra_per_shift % 1)
-                for ts, punch in _shift(rng, day, night, start_minute, min(breaks, max_breaks)):
+                shift = _shift(rng, midnight, night, start_minute, min(breaks, max_breaks))
+                for ts, punch in shift:
                     if rng.random() < 0.03 or not window_start <= ts <= now:
                         continue
                     log.append(AttendanceRecord(user_id, ts, status, punch))
@@ -555,9 +558,9 @@ def _works(rng: random.Random, night: bool, day: date) -> bool:
 
 
 def _shift(
-    rng: random.Random, day: date, night: bool, start_minute: int, breaks: int
+    rng: random.Random, midnight: datetime, night: bool, start_minute: int, breaks: int
 ) -> list[tuple[datetime, int]]:
-    start = datetime.combine(day, dtime()) + timedelta(minutes=start_minute)
+    start = midnight + timedelta(minutes=start_minute)
     end = start + timedelta(hours=8 if night else 9)
     punches = [
         (start + timedelta(seconds=_gauss_seconds(rng, -5, 7, 40)), 0),
@@ -851,7 +854,8 @@ class _Session:
         self._buffer: bytes | None = None
         self._upload: bytearray | None = None
         self._upload_size = 0
-        self._events: deque[AttendanceRecord] = deque()
+        # Bounded: a client that registers and never acknowledges misses punches.
+        self._events: deque[AttendanceRecord] = deque(maxlen=MAX_QUEUED_EVENTS)
         self._event_ack_deadline = 0.0
         self._reply_id = 0
         self._reply_code: int | None = None
@@ -940,6 +944,9 @@ class _Session:
         if not self._events or time.monotonic() < self._event_ack_deadline:
             return
         if not self.event_flags & EF_ATTLOG:
+            # Unregistered (REG_EVENT 0) with punches still queued: an event
+            # racing in now would be read as the reply to the client's next
+            # command (§2.3).
             self._events.clear()
             return
         record = self._events.popleft()
@@ -1139,8 +1146,6 @@ class _Session:
 
     def _on_reg_event(self, payload: bytes) -> None:
         self.event_flags = int.from_bytes(payload[:4], "little")
-        if not self.event_flags & EF_ATTLOG:
-            self._events.clear()
         self._ok()
 
     def _on_ack(self, payload: bytes) -> None:
