@@ -1434,7 +1434,6 @@ class ZKEmulator:
         self._stopping.set()
         with self._lock:
             clients = list(self._tcp_clients.values())
-            threads = self._threads + list(self._tcp_clients)
         for conn in clients:
             # Wakes a thread blocked in sendall to a client that stopped reading.
             try:
@@ -1442,8 +1441,15 @@ class ZKEmulator:
             except OSError:
                 logger.debug("a client connection was already closed")
         deadline = time.monotonic() + JOIN_TIMEOUT
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            # Again until none is left: a loop may have started a client thread
+            # in the poll interval before it saw the stop.
+            with self._lock:
+                threads = [t for t in self._threads + list(self._tcp_clients) if t.is_alive()]
+            if not threads:
+                break
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
         # Closed only now: a socket closed under a thread still polling it could
         # have its descriptor number reused by another socket meanwhile.
         self._tcp_sock.close()
@@ -1490,13 +1496,13 @@ class ZKEmulator:
             udp.settimeout(POLL_INTERVAL)
             return tcp, udp, port
 
-    def _spawn(self, target, name: str, *args) -> threading.Thread:
+    def _spawn(self, target, name: str, *args) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         with self._lock:
+            # Started under the lock so stop() never sees a thread not yet alive.
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
-        thread.start()
-        return thread
+            thread.start()
 
     # -- device-wide behaviour -------------------------------------------------------
 
@@ -1557,22 +1563,23 @@ class ZKEmulator:
                 conn, peer = self._tcp_sock.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                break  # the listener was closed by stop()
+            except OSError as exc:
+                # Out of descriptors, a connection aborted before accept: keep listening.
+                logger.warning("accept failed: %s", exc)
+                self._stopping.wait(POLL_INTERVAL)
+                continue
             with self._lock:
                 full = len(self._tcp_clients) >= MAX_TCP_CLIENTS
             if full:
                 logger.warning("refused %s:%d: %d clients connected", *peer, MAX_TCP_CLIENTS)
                 conn.close()
                 continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(SEND_TIMEOUT)
             thread = threading.Thread(
                 target=self._serve_tcp, args=(conn, peer), name=f"zk-emu-tcp-{peer[1]}", daemon=True
             )
             with self._lock:
                 self._tcp_clients[thread] = conn
-            thread.start()
+                thread.start()
 
     def _serve_tcp(self, conn: socket.socket, peer: tuple) -> None:
         sent = 0
@@ -1593,6 +1600,10 @@ class ZKEmulator:
         abort = False
         selector = selectors.DefaultSelector()
         try:
+            # One frame per sendall with Nagle off: pyzk parses each reply from a
+            # single recv(), so a frame split across segments breaks it (§1.6).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(SEND_TIMEOUT)
             session = _Session(self, peer, tcp=True, send=send, local_ip=conn.getsockname()[0])
             with self._lock:
                 self._sessions.add(session)
