@@ -438,8 +438,8 @@ def test_restart_closes_the_connection_and_the_device_comes_back_enabled(zk_emul
     with pytest.raises(ConnectionError):
         raw.receive()
     assert emu.enabled is True
-    conn = connect(emu)
-    assert conn.poweroff() is True
+    assert connect(emu).restart() is True
+    assert connect(emu).poweroff() is True
     assert connect(emu).get_serialnumber() == "EMU0001"
 
 
@@ -703,11 +703,12 @@ def test_concurrent_clients_each_read_the_full_log(zk_emulator):
 
 
 def test_stop_closes_every_socket_and_thread():
+    before = set(threading.enumerate())
     emu = ZKEmulator(small_state(), port=0).start()
     tcp = connect(emu)
     connect(emu, udp=True)
     emu.stop()
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("zk-emu")]
+    assert not [t.name for t in set(threading.enumerate()) - before]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((emu.host, emu.port), timeout=1)
     with pytest.raises(ZKNetworkError):
