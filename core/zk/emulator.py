@@ -146,19 +146,13 @@ def _ones_sum(data: bytes) -> int:
     return total
 
 
-def checksum(packet: bytes) -> int:
-    """The checksum every client packet satisfies on the wire (§1.3).
-
-    `packet` is header plus payload with the checksum field set to zero.
-    """
-    return ~_ones_sum(packet) & 0xFFFF
-
-
 def checksum_ok(packet: bytes) -> bool:
     return _ones_sum(packet) == 0xFFFF
 
 
 def build_packet(command: int, session_id: int, reply_id: int, payload: bytes = b"") -> bytes:
+    """Header plus payload with the checksum every client packet has on the wire:
+    the ones' complement of the ones'-complement sum of all LE words (§1.3)."""
     header = HEADER.pack(command, 0, session_id, reply_id)
     # The header is word-aligned, so the two sums can be added: this avoids
     # copying a multi-megabyte payload just to checksum it.
@@ -842,7 +836,6 @@ class _Session:
 
     def __init__(self, emulator: "ZKEmulator", peer: tuple, *, tcp: bool, send, local_ip: str):
         self._emu = emulator
-        self.peer = peer
         self.tcp = tcp
         self._send = send
         self._local_ip = local_ip
