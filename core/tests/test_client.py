@@ -8,10 +8,10 @@ import pytest
 from core.zk.client import (
     DeviceProtocolError,
     decode_attendance,
-    decode_time,
+    decode_device_time,
     decode_users,
-    encode_time,
 )
+from core.zk.protocol import encode_time
 
 T1 = datetime.datetime(2026, 11, 2, 8, 1, 7)
 T2 = datetime.datetime(2026, 11, 2, 17, 3, 59)
@@ -42,13 +42,13 @@ def test_time_codec_round_trips_across_years_and_leap_days():
         datetime.datetime(2026, 12, 31, 12, 30, 1),
         datetime.datetime(2099, 6, 15, 6, 5, 4),
     ]:
-        assert decode_time(encode_time(moment)) == (moment, None)
+        assert decode_device_time(encode_time(moment)) == (moment, None)
 
 
 def test_time_decoder_flags_a_date_that_does_not_exist():
     # The device calendar gives every month 31 days: 2026-02-30 is encodable.
     value = ((26 * 12 + 1) * 31 + 29) * 86400 + (9 * 60 + 15) * 60
-    moment, problem = decode_time(value)
+    moment, problem = decode_device_time(value)
     assert problem == "device date 2026-02-30 does not exist"
     assert moment == datetime.datetime(2026, 3, 2, 9, 15)
 

@@ -44,10 +44,9 @@ from core.zk.emulator import (
     ZKEmulator,
     build_packet,
     checksum_ok,
-    decode_time,
-    encode_time,
     make_commkey,
 )
+from core.zk.protocol import decode_time, encode_time
 
 NOW = datetime(2026, 11, 2, 12, 0, 0)
 PROJECT_DIR = Path(__file__).resolve().parents[2]

@@ -22,6 +22,8 @@ from zk import ZK
 from zk import const as zk_const
 from zk.exception import ZKError, ZKErrorResponse, ZKNetworkError
 
+from core.zk.protocol import split_time
+
 # --- Errors ------------------------------------------------------------------------
 
 
@@ -86,21 +88,16 @@ class Punch(NamedTuple):
     bad_date: str | None = None
 
 
-# --- Time encoding -------------------------------------------------------------------
+# --- Time decoding -------------------------------------------------------------------
 
 
-def decode_time(value: int) -> tuple[datetime.datetime, str | None]:
-    """Decodes the device's u32 time: (naive local datetime, problem or None)."""
-    second = value % 60
-    value //= 60
-    minute = value % 60
-    value //= 60
-    hour = value % 24
-    value //= 24
-    day = value % 31 + 1
-    value //= 31
-    month = value % 12 + 1
-    year = value // 12 + 2000
+def decode_device_time(value: int) -> tuple[datetime.datetime, str | None]:
+    """Decodes a record's u32 time: (naive local datetime, problem or None).
+
+    Never raises: a date that does not exist (the format allows 31 February)
+    comes back counted from the 1st of its month, with the problem named.
+    """
+    year, month, day, hour, minute, second = split_time(value)
     try:
         return datetime.datetime(year, month, day, hour, minute, second), None
     except ValueError:
@@ -109,15 +106,6 @@ def decode_time(value: int) -> tuple[datetime.datetime, str | None]:
             start + datetime.timedelta(days=day - 1),
             f"device date {year:04d}-{month:02d}-{day:02d} does not exist",
         )
-
-
-def encode_time(moment: datetime.datetime) -> int:
-    """Encodes a naive local datetime as the device's u32 time."""
-    return (
-        ((moment.year % 100) * 12 * 31 + (moment.month - 1) * 31 + moment.day - 1) * 86400
-        + (moment.hour * 60 + moment.minute) * 60
-        + moment.second
-    )
 
 
 # --- Buffer decoders -----------------------------------------------------------------
@@ -222,7 +210,7 @@ def decode_attendance(
     def when(value: int) -> tuple[datetime.datetime, str | None]:
         decoded = times.get(value)
         if decoded is None:
-            decoded = times[value] = decode_time(value)
+            decoded = times[value] = decode_device_time(value)
         return decoded
 
     punches: list[Punch] = []

@@ -30,6 +30,8 @@ from datetime import date, datetime, timedelta
 from datetime import time as dtime
 from pathlib import Path
 
+from core.zk.protocol import decode_time, encode_time
+
 logger = logging.getLogger(__name__)
 
 # --- Protocol constants (pyzk zk/const.py) -------------------------------------------
@@ -168,25 +170,6 @@ def make_commkey(key: int, session_id: int, ticks: int = 50) -> bytes:
     b = struct.pack("<I", (k + session_id) & 0xFFFFFFFF)
     t = ticks & 0xFF
     return bytes((b[2] ^ 0x53 ^ t, b[3] ^ 0x4F ^ t, t, b[1] ^ 0x4B ^ t))
-
-
-def encode_time(t: datetime) -> int:
-    """The clock's 4-byte time: every month has 31 days, years 2000-2099 (§2.2)."""
-    return (
-        ((t.year % 100) * 12 * 31 + (t.month - 1) * 31 + t.day - 1) * 86400
-        + (t.hour * 60 + t.minute) * 60
-        + t.second
-    )
-
-
-def decode_time(value: int) -> datetime:
-    """Raises ValueError for a date that does not exist (say 31 February)."""
-    value, second = divmod(value, 60)
-    value, minute = divmod(value, 60)
-    value, hour = divmod(value, 24)
-    value, day = divmod(value, 31)
-    year, month = divmod(value, 12)
-    return datetime(year + 2000, month + 1, day + 1, hour, minute, second)
 
 
 def _timehex(t: datetime) -> bytes:
