@@ -5,4 +5,6 @@
 . "$(dirname "$0")/scripts/bootstrap.sh"
 
 python manage.py migrate --noinput
-exec python manage.py runserver "${HOST:-127.0.0.1}:${PORT:-8000}"
+# --insecure serves the admin's CSS and JS with DEBUG off, as this dev server
+# is the whole web tier on the embedded defaults.
+exec python manage.py runserver --insecure "${HOST:-127.0.0.1}:${PORT:-8000}"
