@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what is needed, prepares the database and starts the web server
-# (admin at http://127.0.0.1:8000/admin/, API at /api/).
+# (admin at http://127.0.0.1:8000/admin/, API docs at /api/docs/).
 #   HOST=0.0.0.0 PORT=8000 ./start_server.sh
 . "$(dirname "$0")/scripts/bootstrap.sh"
 
