@@ -199,11 +199,14 @@ class ProcessedAttendance(models.Model):
     work_date = models.DateField(help_text="Local date of the shift's first punch.")
     clock_in = models.DateTimeField(null=True, blank=True)
     clock_out = models.DateTimeField(null=True, blank=True)
+    # No index on these four foreign keys: a handful of devices and HR users
+    # make them useless to a query, and each one slowed a full processing run
+    # (500 000 rows) by about a second.
     clock_in_device = models.ForeignKey(
-        Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+        Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_index=False
     )
     clock_out_device = models.ForeignKey(
-        Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+        Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_index=False
     )
     punch_count = models.PositiveIntegerField(default=0)
     worked = models.DurationField(null=True, blank=True)
@@ -220,6 +223,7 @@ class ProcessedAttendance(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="+",
+        db_index=False,
     )
     edited_at = models.DateTimeField(null=True, blank=True)
     has_newer_punches = models.BooleanField(
@@ -231,6 +235,7 @@ class ProcessedAttendance(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="+",
+        db_index=False,
     )
     reviewed_at = models.DateTimeField(null=True, blank=True)
 
