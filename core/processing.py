@@ -55,18 +55,21 @@ from __future__ import annotations
 import datetime
 import functools
 import itertools
+import json
 import logging
 import operator
 import time
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Count, F, Max, Min, Q
+from django.db import connection, transaction
+from django.db.models import Count, F, Max, Min, Q, QuerySet
 from django.utils import timezone
+from psycopg.types.datetime import TimestamptzLoader
+from psycopg.types.json import JsonbLoader
 
 from core.models import Device, Employee, ProcessedAttendance, ProcessingState, RawAttendance
 
@@ -75,6 +78,7 @@ logger = logging.getLogger(__name__)
 UTC = datetime.UTC
 DAY = datetime.timedelta(days=1)
 HOUR = datetime.timedelta(hours=1)
+UTC_MIN = datetime.datetime.min.replace(tzinfo=UTC)
 STATE_NAME = "attendance"
 # received_at is stamped when a poll starts, before the device download, and the
 # poll's punches commit after the download and store: this must exceed the
@@ -258,34 +262,39 @@ def day_outliers(
         reasons.append(_reason("missing_clock_out", f"one punch only, at {_clock(clock_in)}"))
     else:
         # Wall-clock arithmetic on purpose: a 22:00 → 06:00 shift across a DST
-        # change is still due out at 06:00 on the clock.
-        expected_start = clock_in.replace(tzinfo=None, second=0, microsecond=0)
-        expected_start -= datetime.timedelta(minutes=offset)
+        # change is still due out at 06:00 on the clock. In minutes from the
+        # clock-in's local midnight:
         end = work_end.hour * 60 + work_end.minute
-        expected_end = expected_start + datetime.timedelta(minutes=(end - start) % 1440)
+        expected_end = clock_in.hour * 60 + clock_in.minute - offset + (end - start) % 1440
         if clock_out.tzinfo != clock_in.tzinfo:
             # Out on a device in another zone: the end time on that device's clock
             # nearest to when the shift was due to end.
-            moment = expected_end.replace(tzinfo=clock_in.tzinfo).astimezone(clock_out.tzinfo)
+            midnight = clock_in.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
+            due = midnight + datetime.timedelta(minutes=expected_end)
+            moment = due.replace(tzinfo=clock_in.tzinfo).astimezone(clock_out.tzinfo)
             shift = (end - moment.hour * 60 - moment.minute) % 1440
             if shift > 720:
                 shift -= 1440
-            expected_end = moment.replace(tzinfo=None, second=0, microsecond=0)
-            expected_end += datetime.timedelta(minutes=shift)
-        out = clock_out.replace(tzinfo=None, second=0, microsecond=0)
-        out_offset = int((out - expected_end).total_seconds()) // 60
+            expected_end = (
+                (moment.toordinal() - clock_in.toordinal()) * 1440
+                + moment.hour * 60
+                + moment.minute
+                + shift
+            )
+        days = clock_out.toordinal() - clock_in.toordinal()
+        out_offset = days * 1440 + clock_out.hour * 60 + clock_out.minute - expected_end
         if out_offset < -rules.early_out:
             reasons.append(
                 _reason(
                     "early_clock_out",
-                    f"{_clock(out)} is {_span(-out_offset)} before {_clock(work_end)}",
+                    f"{_clock(clock_out)} is {_span(-out_offset)} before {_clock(work_end)}",
                 )
             )
         elif out_offset > rules.late_out:
             reasons.append(
                 _reason(
                     "late_clock_out",
-                    f"{_clock(out)} is {_span(out_offset)} after {_clock(work_end)}",
+                    f"{_clock(clock_out)} is {_span(out_offset)} after {_clock(work_end)}",
                 )
             )
     if len(shift_starts) > 1:
@@ -311,6 +320,7 @@ class Shift:
     punches: int
     suspects: int
     newest_received: datetime.datetime
+    local_start: datetime.datetime | None = None  # in the zone of start_device, once computed
 
 
 # (timestamp, device_id, is_suspect, received_at), in time order.
@@ -361,6 +371,10 @@ class _Context:
     rules: Rules
     devices: dict[int, _Hours]
     now: datetime.datetime
+    default_zone: ZoneInfo = field(
+        default_factory=lambda: ZoneInfo(settings.DEVICE_DEFAULT_TIMEZONE)
+    )
+    _schedules: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls) -> _Context:
@@ -368,42 +382,54 @@ class _Context:
 
     def zone(self, device_id: int | None) -> ZoneInfo:
         hours = self.devices.get(device_id)
-        if hours is None or hours.zone is None:
-            return ZoneInfo(settings.DEVICE_DEFAULT_TIMEZONE)
-        return hours.zone
+        return self.default_zone if hours is None or hours.zone is None else hours.zone
+
+    def local_start(self, shift: Shift) -> datetime.datetime:
+        if shift.local_start is None:
+            shift.local_start = shift.start.astimezone(self.zone(shift.start_device))
+        return shift.local_start
 
     def work_date(self, shift: Shift) -> datetime.date:
-        return shift.start.astimezone(self.devices[shift.start_device].zone).date()
+        return self.local_start(shift).date()
 
     def schedule(
         self, employee: _Hours | None, device_id: int | None
     ) -> tuple[datetime.time, datetime.time]:
         """Employee overrides win over the clock-in device's, which win over settings."""
-        device = self.devices.get(device_id)
-        start = (employee and employee.work_start) or (device and device.work_start)
-        end = (employee and employee.work_end) or (device and device.work_end)
-        return start or self.rules.work_start, end or self.rules.work_end
+        key = (employee, device_id)
+        found = self._schedules.get(key)
+        if found is None:
+            device = self.devices.get(device_id)
+            start = (employee and employee.work_start) or (device and device.work_start)
+            end = (employee and employee.work_end) or (device and device.work_end)
+            found = self._schedules[key] = (
+                start or self.rules.work_start,
+                end or self.rules.work_end,
+            )
+        return found
 
 
 def _day_values(
     shifts: list[Shift], *, employee_id: int | None, employee: _Hours | None, ctx: _Context
 ) -> tuple:
     """The COMPUTED_FIELDS values of one day made of these shifts."""
-    first, last = shifts[0], shifts[-1]
-    punches = sum(s.punches for s in shifts)
-    suspects = sum(s.suspects for s in shifts)
-    clock_in = first.start
-    clock_out = out_device = worked = None
+    first = shifts[0]
+    if len(shifts) == 1:
+        punches, suspects, starts = first.punches, first.suspects, ()
+    else:
+        punches = sum(s.punches for s in shifts)
+        suspects = sum(s.suspects for s in shifts)
+        starts = [ctx.local_start(s) for s in shifts]
+    clock_out = out_device = worked = local_out = None
     if punches >= 2:
+        last = shifts[-1]
         clock_out, out_device = last.end, last.end_device
         worked = sum((s.end - s.start for s in shifts), datetime.timedelta())
+        local_out = clock_out.astimezone(ctx.zone(out_device))
     work_start, work_end = ctx.schedule(employee, first.start_device)
-    starts = (
-        [s.start.astimezone(ctx.zone(s.start_device)) for s in shifts] if len(shifts) > 1 else ()
-    )
     reasons = day_outliers(
-        clock_in=clock_in.astimezone(ctx.zone(first.start_device)),
-        clock_out=None if clock_out is None else clock_out.astimezone(ctx.zone(out_device)),
+        clock_in=ctx.local_start(first),
+        clock_out=local_out,
         work_start=work_start,
         work_end=work_end,
         rules=ctx.rules,
@@ -411,7 +437,7 @@ def _day_values(
     )
     return (
         employee_id,
-        clock_in,
+        first.start,
         clock_out,
         first.start_device,
         out_device,
@@ -457,6 +483,43 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
+def _fetch(queryset: QuerySet) -> list[tuple]:
+    """The rows of a values_list() queryset.
+
+    On PostgreSQL through a plain cursor with psycopg's own loaders: Django's
+    timestamptz and jsonb loaders run in Python, and on a full run they alone
+    took longer than all the rest.
+    """
+    if connection.vendor != "postgresql":
+        return list(queryset)
+    sql, params = queryset.query.sql_with_params()
+    with connection.cursor() as cursor:
+        raw = cursor.cursor
+        raw.adapters.register_loader("timestamptz", TimestamptzLoader)
+        raw.adapters.register_loader("jsonb", JsonbLoader)
+        raw.execute(sql, params)
+        return raw.fetchall()
+
+
+def _latest_starts(
+    groups: Sequence[_Group], *, days_back: datetime.timedelta | None
+) -> dict[str, datetime.datetime]:
+    since = {g.user_id: g.since for g in groups}
+    rows = ProcessedAttendance.objects.filter(
+        user_id__in=list(since),
+        is_manual=False,
+        clock_in__isnull=False,
+        clock_in__lte=max(since.values()),
+    )
+    if days_back is not None:
+        rows = rows.filter(work_date__gte=min(since.values()).date() - days_back)
+    anchors: dict[str, datetime.datetime] = {}
+    for user_id, clock_in in _fetch(rows.order_by().values_list("user_id", "clock_in")):
+        if clock_in <= since[user_id] and clock_in > anchors.get(user_id, clock_in - DAY):
+            anchors[user_id] = clock_in
+    return anchors
+
+
 def _anchors(batch: Sequence[_Group]) -> dict[str, datetime.datetime | None]:
     """For each bounded group, the latest stored shift start at or before `since`.
 
@@ -466,22 +529,11 @@ def _anchors(batch: Sequence[_Group]) -> dict[str, datetime.datetime | None]:
     bounded = [g for g in batch if g.since is not None]
     if not bounded:
         return {}
-    rows = ProcessedAttendance.objects.filter(is_manual=False, clock_in__isnull=False).order_by()
-
-    def latest(condition: Q) -> dict[str, datetime.datetime]:
-        found = rows.filter(condition).values("user_id").annotate(anchor=Max("clock_in"))
-        return {row["user_id"]: row["anchor"] for row in found}
-
     # Usually yesterday's row: look a few days back first, on the (user_id, work_date) index.
-    anchors: dict[str, datetime.datetime | None] = latest(
-        _any(
-            Q(user_id=g.user_id, clock_in__lte=g.since, work_date__gte=g.since.date() - 3 * DAY)
-            for g in bounded
-        )
-    )
+    anchors: dict[str, datetime.datetime | None] = dict(_latest_starts(bounded, days_back=3 * DAY))
     missing = [g for g in bounded if g.user_id not in anchors]
     if missing:
-        anchors.update(latest(_any(Q(user_id=g.user_id, clock_in__lte=g.since) for g in missing)))
+        anchors.update(_latest_starts(missing, days_back=None))
     for group in missing:
         anchors.setdefault(group.user_id, None)
     return anchors
@@ -490,38 +542,65 @@ def _anchors(batch: Sequence[_Group]) -> dict[str, datetime.datetime | None]:
 def _stored_rows(
     batch: Sequence[_Group], anchors: dict[str, datetime.datetime | None]
 ) -> dict[str, dict[datetime.date, _Stored]]:
+    """Each employee's rows from two days before the anchor's date (all when unanchored).
+
+    Two days: a row dated before the anchor's UTC date can hold a later shift
+    when an employee's devices are in zones far apart. Rows further back that
+    come along for an employee whose anchor is later change nothing.
+    """
     unbounded = [g.user_id for g in batch if anchors.get(g.user_id) is None]
-    conditions = [Q(user_id__in=unbounded)] if unbounded else []
-    # Rows dated up to two days before the anchor's UTC date can hold a later
-    # shift (devices in zones far apart); reading them costs nothing.
-    conditions += [
-        Q(user_id=user_id, work_date__gte=anchor.date() - 2 * DAY)
-        for user_id, anchor in anchors.items()
-        if anchor is not None
-    ]
+    bounded = [a for a in anchors.values() if a is not None]
+    querysets = []
+    if unbounded:
+        querysets.append(ProcessedAttendance.objects.filter(user_id__in=unbounded))
+    if bounded:
+        querysets.append(
+            ProcessedAttendance.objects.filter(
+                user_id__in=[u for u, a in anchors.items() if a is not None],
+                work_date__gte=min(bounded).date() - 2 * DAY,
+            )
+        )
     stored: dict[str, dict[datetime.date, _Stored]] = {g.user_id: {} for g in batch}
-    rows = ProcessedAttendance.objects.filter(_any(conditions)).order_by()
-    for row in rows.values_list(*_STORED_FIELDS):
-        pk, user_id, work_date, *values = row
-        *values, is_manual, version, newer, edited_at, reviewed_at = values
-        seen = max((m for m in (edited_at, reviewed_at) if m is not None), default=None)
-        stored[user_id][work_date] = _Stored(pk, tuple(values), is_manual, version, newer, seen)
+    for queryset in querysets:
+        for row in _fetch(queryset.order_by().values_list(*_STORED_FIELDS)):
+            pk, user_id, work_date, *values = row
+            *values, is_manual, version, newer, edited_at, reviewed_at = values
+            seen = max((m for m in (edited_at, reviewed_at) if m is not None), default=None)
+            stored[user_id][work_date] = _Stored(pk, tuple(values), is_manual, version, newer, seen)
     return stored
 
 
-def _read_punches(conditions: list[Q]) -> dict[str, list[Punch]]:
+def _read_punches(
+    windows: dict[str, tuple[datetime.datetime | None, datetime.datetime | None]],
+) -> dict[str, list[Punch]]:
+    """Each employee's punches in [start, end) (None: unbounded), in time order.
+
+    One query for employees with a start and one for those without, each over
+    the widest bounds of its employees, trimmed to each employee's here.
+    """
     punches: dict[str, list[Punch]] = {}
-    if not conditions:
-        return punches
-    rows = (
-        RawAttendance.objects.filter(_any(conditions))
-        .order_by("user_id", "timestamp", "id")
-        .values_list("user_id", "timestamp", "device_id", "is_suspect", "received_at")
-    )
-    for user_id, group in itertools.groupby(
-        rows.iterator(chunk_size=20000), operator.itemgetter(0)
-    ):
-        punches[user_id] = [row[1:] for row in group]
+    for bounded in (True, False):
+        users = [u for u, (start, _) in windows.items() if (start is not None) is bounded]
+        if not users:
+            continue
+        queryset = RawAttendance.objects.filter(user_id__in=users)
+        if bounded:
+            queryset = queryset.filter(timestamp__gte=min(windows[u][0] for u in users))
+        ends = [windows[u][1] for u in users]
+        if None not in ends:
+            queryset = queryset.filter(timestamp__lt=max(ends))
+        rows = _fetch(
+            queryset.order_by("user_id", "timestamp", "id").values_list(
+                "user_id", "timestamp", "device_id", "is_suspect", "received_at"
+            )
+        )
+        for user_id, group in itertools.groupby(rows, operator.itemgetter(0)):
+            start, end = windows[user_id]
+            punches[user_id] = [
+                row[1:]
+                for row in group
+                if (start is None or row[1] >= start) and (end is None or row[1] < end)
+            ]
     return punches
 
 
@@ -564,16 +643,12 @@ def _recompute_batch(batch: Sequence[_Group], *, ctx: _Context, result: Processi
 
     # Round one: from the anchor to 2 × MAX_SHIFT_HOURS past the last changed punch.
     reach = 2 * rules.max_shift
-    conditions = []
-    for group in batch:
-        condition = Q(user_id=group.user_id)
-        if anchors.get(group.user_id) is not None:
-            condition &= Q(timestamp__gte=anchors[group.user_id])
-        if group.until is not None:
-            condition &= Q(timestamp__lt=group.until + reach)
-        conditions.append(condition)
-    punches = _read_punches(conditions)
-
+    punches = _read_punches(
+        {
+            g.user_id: (anchors.get(g.user_id), None if g.until is None else g.until + reach)
+            for g in batch
+        }
+    )
     ends: dict[str, datetime.datetime | None] = {}
     shifts: dict[str, list[Shift]] = {}
     unsettled = []
@@ -590,45 +665,40 @@ def _recompute_batch(batch: Sequence[_Group], *, ctx: _Context, result: Processi
                 unsettled.append(group)
     # Round two, for chains not settled yet: the rest of those employees' punches.
     if unsettled:
-        more = _read_punches(
-            [Q(user_id=g.user_id, timestamp__gte=g.until + reach) for g in unsettled]
-        )
+        more = _read_punches({g.user_id: (g.until + reach, None) for g in unsettled})
         for group in unsettled:
-            if group.user_id in more:
+            if more.get(group.user_id):
                 punches.setdefault(group.user_id, []).extend(more[group.user_id])
                 shifts[group.user_id] = build_shifts(
                     punches[group.user_id], max_shift=rules.max_shift, dedupe=rules.dedupe
                 )
     result.punches_read += sum(len(p) for p in punches.values())
 
-    upserts: list[ProcessedAttendance] = []
+    created: list[tuple] = []
+    changed: list[tuple[int, tuple]] = []
     vanished: list[int] = []
     flagged: list[int] = []
     for group in batch:
         user_id = group.user_id
         low, high = anchors.get(user_id), ends[user_id]
         days: dict[datetime.date, list[Shift]] = {}
-        newest: dict[datetime.date, datetime.datetime] = {}
         for shift in shifts[user_id]:
             if (low is not None and shift.start < low) or (
                 high is not None and shift.start >= high
             ):
                 continue
-            work_date = ctx.work_date(shift)
-            days.setdefault(work_date, []).append(shift)
-            newest[work_date] = max(
-                newest.get(work_date, shift.newest_received), shift.newest_received
-            )
+            days.setdefault(ctx.work_date(shift), []).append(shift)
         employee_id, employee = employees.get(user_id, (None, None))
         rows = stored[user_id]
         for work_date, day_shifts in days.items():
             existing = rows.get(work_date)
             if existing is not None and existing.is_manual:
                 # Never overwritten; punches stored after HR's edit (or review) flag it.
+                newest = max(s.newest_received for s in day_shifts)
                 if (
                     not existing.has_newer_punches
                     and existing.seen_at is not None
-                    and newest[work_date] > existing.seen_at
+                    and newest > existing.seen_at
                 ):
                     flagged.append(existing.pk)
                 continue
@@ -636,24 +706,9 @@ def _recompute_batch(batch: Sequence[_Group], *, ctx: _Context, result: Processi
             if values[7]:
                 result.outliers += 1
             if existing is None:
-                result.rows_created += 1
-                version = 1
+                created.append((user_id, work_date, *values, 1))
             elif existing.values != values:
-                result.rows_changed += 1
-                version = existing.version + 1
-            else:
-                continue
-            upserts.append(
-                ProcessedAttendance(
-                    user_id=user_id,
-                    work_date=work_date,
-                    **dict(zip(COMPUTED_FIELDS, values, strict=True)),
-                    version=version,
-                    sync_state=ProcessedAttendance.SyncState.PENDING,
-                    sync_attempts=0,
-                    next_sync_at=None,
-                )
-            )
+                changed.append((existing.pk, (user_id, work_date, *values, existing.version + 1)))
         for work_date, row in rows.items():
             clock_in = row.values[1]
             if (
@@ -666,20 +721,106 @@ def _recompute_batch(batch: Sequence[_Group], *, ctx: _Context, result: Processi
                 vanished.append(row.pk)
     result.groups_recomputed += len(batch)
 
-    if upserts:
-        ProcessedAttendance.objects.bulk_create(
-            upserts,
-            update_conflicts=True,
-            unique_fields=["user_id", "work_date"],
-            update_fields=_UPSERT_FIELDS,
-            batch_size=WRITE_BATCH,
-        )
+    result.rows_created += len(created)
+    result.rows_changed += len(changed)
+    if created or changed:
+        _write(created, changed, ctx=ctx)
     if vanished:
         _remove(vanished, ctx=ctx, result=result)
     if flagged:
         result.manual_flagged += ProcessedAttendance.objects.filter(pk__in=flagged).update(
             has_newer_punches=True
         )
+
+
+# (user_id, work_date, *COMPUTED_FIELDS, version): a row as _write stores it.
+_ROW_COLUMNS = ["user_id", "work_date", *COMPUTED_FIELDS, "version"]
+# Written with every new or changed row: it is due for delivery (again).
+_DUE = {
+    "sync_state": ProcessedAttendance.SyncState.PENDING,
+    "sync_attempts": 0,
+    "next_sync_at": None,
+}
+
+
+def _write(created: list[tuple], changed: list[tuple[int, tuple]], *, ctx: _Context) -> None:
+    """Stores new rows and overwrites changed ones (pk, row); rows as in _ROW_COLUMNS.
+
+    The new ones are known not to exist: every row of these employees that
+    they could collide with was read, under the processing lock. Should that
+    ever not hold, the insert fails on the unique constraint rather than
+    overwrite anything.
+    """
+    if connection.vendor == "postgresql":
+        _write_postgresql(created, changed, ctx=ctx)
+        return
+    ProcessedAttendance.objects.bulk_create(
+        [
+            ProcessedAttendance(**dict(zip(_ROW_COLUMNS, row, strict=True)), **_DUE)
+            for row in [*created, *(row for _, row in changed)]
+        ],
+        update_conflicts=True,
+        unique_fields=["user_id", "work_date"],
+        update_fields=_UPSERT_FIELDS,
+        batch_size=WRITE_BATCH,
+    )
+
+
+def _copy_rows(cursor, table: str, columns: list[str], rows: Iterable[tuple]) -> None:
+    reasons = columns.index(connection.ops.quote_name("outlier_reasons"))
+    names = ", ".join(columns)
+    with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            # COPY's text format takes JSON as text; most days have no reasons.
+            copy.write_row(
+                (
+                    *row[:reasons],
+                    json.dumps(row[reasons]) if row[reasons] else "[]",
+                    *row[reasons + 1 :],
+                )
+            )
+
+
+def _write_postgresql(
+    created: list[tuple], changed: list[tuple[int, tuple]], *, ctx: _Context
+) -> None:
+    """COPY: bulk_create spent most of a full run preparing values in Python."""
+    assert connection.in_atomic_block, "the temporary table lives until the transaction ends"
+    quote = connection.ops.quote_name
+    meta = ProcessedAttendance._meta
+    table = quote(meta.db_table)
+    columns = [quote(meta.get_field(name).column) for name in _ROW_COLUMNS]
+    with connection.cursor() as cursor:
+        raw = cursor.cursor
+        if created:
+            # Every other column gets its model default, so that a field added
+            # later (the CRM stage's) needs nothing here.
+            fixed = {**_DUE, "created_at": ctx.now, "updated_at": ctx.now}
+            rest, values = [], []
+            for column in meta.concrete_fields:
+                if column.primary_key or quote(column.column) in columns:
+                    continue
+                value = fixed.get(column.attname, column.get_default())
+                rest.append(quote(column.column))
+                values.append(column.get_db_prep_save(value, connection))
+            tail = tuple(values)
+            _copy_rows(raw, table, columns + rest, (row + tail for row in created))
+        if changed:
+            raw.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS processing_changed ON COMMIT DROP AS "
+                f"SELECT id, {', '.join(columns)} FROM {table} WITH NO DATA"
+            )
+            _copy_rows(
+                raw, "processing_changed", ["id", *columns], ((pk, *row) for pk, row in changed)
+            )
+            assignments = [f"{c} = t.{c}" for c in columns[2:]]  # not the key
+            assignments += [f"{quote(name)} = %s" for name in (*_DUE, "updated_at")]
+            raw.execute(
+                f"UPDATE {table} AS p SET {', '.join(assignments)} "
+                f"FROM processing_changed AS t WHERE p.id = t.id",
+                [*_DUE.values(), ctx.now],
+            )
+            raw.execute("TRUNCATE processing_changed")
 
 
 def _remove(pks: list[int], *, ctx: _Context, result: ProcessingResult) -> None:
@@ -715,7 +856,8 @@ def _remove(pks: list[int], *, ctx: _Context, result: ProcessingResult) -> None:
 
 
 def _recompute(groups: list[_Group], *, ctx: _Context, result: ProcessingResult) -> None:
-    groups.sort(key=operator.attrgetter("user_id"))
+    # Batches of employees with nearby windows, so each batch's bounds stay tight.
+    groups.sort(key=lambda g: (g.since is not None, g.since or UTC_MIN, g.user_id))
     for batch in _batches(groups, USER_BATCH):
         _recompute_batch(batch, ctx=ctx, result=result)
 
