@@ -60,7 +60,7 @@ def test_test_connection_action_reports_an_unreachable_device(admin_client):
         {"action": "test_connection", "_selected_action": [device.pk]},
         follow=True,
     )
-    assert "Gone: cannot talk to 127.0.0.1:1 (TCP)" in response.content.decode()
+    assert "Gone: 127.0.0.1:1 (TCP) refused the connection" in response.content.decode()
 
 
 def test_sync_clock_action_sets_the_device_clock(admin_client, zk_emulator):

@@ -240,7 +240,7 @@ def assert_failed(device: Device, result, fragment: str) -> None:
 def test_device_that_is_down_records_an_error_and_stores_nothing():
     device = DeviceFactory(ip_address="127.0.0.1", port=free_port(), timeout_seconds=2)
     result = device_poll(device=device)
-    assert_failed(device, result, "cannot talk to")
+    assert_failed(device, result, "refused the connection while connecting")
 
 
 def test_silent_device_times_out():

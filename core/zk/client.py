@@ -12,6 +12,7 @@ subclasses below, with a message that tells an operator what to check.
 from __future__ import annotations
 
 import datetime
+import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import NamedTuple
 
 from zk import ZK
 from zk import const as zk_const
+from zk.base import ZK_helper
 from zk.exception import ZKError, ZKErrorResponse, ZKNetworkError
 
 from core.zk.protocol import split_time
@@ -245,12 +247,37 @@ def decode_attendance(
 # --- The client ----------------------------------------------------------------------
 
 
-class _ZK(ZK):
-    """pyzk with one fix: a connection closed mid-transfer raises instead of looping.
+class _NoProbe(ZK_helper):
+    def test_tcp(self):
+        # pyzk opens and drops a probe connection (with its own fixed 10 s
+        # timeout) before the real one; _ZK's connect reports failures itself.
+        return 0
 
-    pyzk's raw-data loop keeps calling recv() while bytes are missing; after the
-    peer closes, recv() returns b"" forever and the loop never ends.
+
+class _ZK(ZK):
+    """pyzk with its connection failures made visible, and one hang fixed.
+
+    - pyzk connects with connect_ex() and ignores the result, so a refused or
+      unanswered connection surfaces later as "Broken pipe"; here connect()
+      raises what actually happened, within the device's timeout.
+    - pyzk's raw-data loop keeps calling recv() while bytes are missing; after
+      the peer closes, recv() returns b"" forever and the loop never ends.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.helper = _NoProbe(*self._ZK__address)
+
+    def _ZK__create_socket(self):  # overrides pyzk's name-mangled method
+        if self.tcp:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(self._ZK__timeout)
+            self._ZK__sock = sock
+            sock.connect(self._ZK__address)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.settimeout(self._ZK__timeout)
+            self._ZK__sock = sock
 
     def _ZK__recieve_raw_data(self, size):  # overrides pyzk's name-mangled method
         chunks = []
@@ -447,6 +474,11 @@ class DeviceClient:
             raise DeviceUnreachable(
                 f"cannot talk to {where} while {action} ({exc}): check the IP address, the "
                 "port, the protocol and that the device is powered and on the network"
+            ) from exc
+        except ConnectionRefusedError as exc:
+            raise DeviceUnreachable(
+                f"{where} refused the connection while {action}: nothing listens on that "
+                "port. Check the IP address, the port (4370 by default) and the protocol"
             ) from exc
         except ConnectionError as exc:
             raise DeviceUnreachable(
