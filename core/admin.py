@@ -195,6 +195,7 @@ class RawAttendanceAdmin(admin.ModelAdmin):
 
     list_display = [
         "timestamp",
+        "local_time",
         "user_id",
         "employee_name",
         "device",
@@ -221,6 +222,11 @@ class RawAttendanceAdmin(admin.ModelAdmin):
             by_name = Employee.objects.filter(name__icontains=term).values("user_id")
             queryset = queryset | self.get_queryset(request).filter(user_id__in=by_name)
         return queryset, may_have_duplicates
+
+    @admin.display(description="device local time", ordering="timestamp")
+    def local_time(self, punch):
+        # What the clock showed: the stored UTC time in the device's own zone.
+        return punch.timestamp.astimezone(punch.device.zone).strftime("%Y-%m-%d %H:%M:%S %Z")
 
     @admin.display(description="employee", ordering="employee_name")
     def employee_name(self, punch):

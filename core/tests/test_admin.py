@@ -110,3 +110,14 @@ def test_employee_list_filters_by_device(admin_client):
     url = reverse("admin:core_employee_changelist")
     page = admin_client.get(url, {"devices__id__exact": back.pk}).content.decode()
     assert "Rui Costa" in page and "Ana Silva" not in page
+
+
+def test_raw_punch_list_shows_the_time_the_device_showed(admin_client):
+    device = DeviceFactory(timezone="Europe/Lisbon")
+    RawAttendanceFactory(
+        device=device,
+        user_id="1001",
+        timestamp=datetime.datetime(2026, 7, 1, 7, 0, tzinfo=datetime.UTC),
+    )
+    page = admin_client.get(reverse("admin:core_rawattendance_changelist")).content.decode()
+    assert "2026-07-01 08:00:00 WEST" in page
