@@ -33,7 +33,8 @@ class Device(models.Model):
 
     # --- what the operator sets ---
     name = models.CharField(max_length=100, unique=True)
-    ip_address = models.GenericIPAddressField("IP address")
+    # IPv4 only: ZKTeco clocks and pyzk speak IPv4.
+    ip_address = models.GenericIPAddressField("IP address", protocol="IPv4")
     port = models.PositiveIntegerField(
         default=4370, validators=[MinValueValidator(1), MaxValueValidator(65535)]
     )
