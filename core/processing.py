@@ -45,9 +45,12 @@ the previous run started; a punch like that has an id above the highest seen
 by a run that started at least the margin before the previous one, which
 bounds the read to recent ids (ProcessingState.recent_runs keeps those runs).
 
-Every write is set-based: rows are read in bulk per batch of employees,
-compared with what the punches give, and only differences are written (one
-upsert, one delete, one update). Re-running changes nothing.
+Reads and writes are in bulk, per batch of employees: a handful of queries
+whatever the batch's size. Rows are compared with what the punches give and
+only differences are written: new rows in one COPY (bulk_create on SQLite),
+changed ones in one UPDATE, removed ones in one DELETE. Re-running changes
+nothing. On PostgreSQL the hot reads and writes bypass the ORM's per-value
+work (see _fetch, _Inserter); the queries themselves are still built by it.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Count, F, Max, Min, Q, QuerySet
 from django.utils import timezone
 from psycopg.pq import Format
@@ -95,6 +98,8 @@ USER_BATCH_INCREMENTAL = 2000
 # than a tenth of what it will create checks foreign keys once at the end (see
 # _foreign_keys_checked_once): the first load of a backlog.
 BULK_LOAD_PUNCHES = 100_000
+# How far apart the windows of employees read by one query may start (_clusters).
+CLUSTER_SPREAD = datetime.timedelta(days=7)
 WRITE_BATCH = 2000
 
 # What a run computes; a row whose values differ from these gets version + 1.
@@ -491,6 +496,22 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
+def _clusters(starts: dict[str, datetime.datetime]) -> list[list[str]]:
+    """Employees in groups whose starts lie within CLUSTER_SPREAD of each other.
+
+    One query per group over the group's widest bounds then reads little that an
+    employee does not need, even when one of them comes back after a year away.
+    """
+    clusters: list[list[str]] = []
+    first = UTC_MIN
+    for user_id in sorted(starts, key=starts.__getitem__):
+        if not clusters or starts[user_id] - first > CLUSTER_SPREAD:
+            clusters.append([])
+            first = starts[user_id]
+        clusters[-1].append(user_id)
+    return clusters
+
+
 class _JsonbLoader(psycopg.adapt.Loader):
     def load(self, data):
         return [] if data == b"[]" else json.loads(bytes(data))
@@ -514,26 +535,27 @@ def _fetch(queryset: QuerySet) -> list[tuple]:
         oid = psycopg.postgres.types["timestamptz"].oid
         raw.adapters.register_loader(oid, psycopg.adapters.get_loader(oid, Format.TEXT))
         raw.adapters.register_loader("jsonb", _JsonbLoader)
-        raw.execute(sql, params)
-        return raw.fetchall()
+        cursor.execute(sql, params)
+        return cursor.fetchall()
 
 
 def _latest_starts(
     groups: Sequence[_Group], *, days_back: datetime.timedelta | None
 ) -> dict[str, datetime.datetime]:
     since = {g.user_id: g.since for g in groups}
-    rows = ProcessedAttendance.objects.filter(
-        user_id__in=list(since),
-        is_manual=False,
-        clock_in__isnull=False,
-        clock_in__lte=max(since.values()),
-    )
-    if days_back is not None:
-        rows = rows.filter(work_date__gte=min(since.values()).date() - days_back)
     anchors: dict[str, datetime.datetime] = {}
-    for user_id, clock_in in _fetch(rows.order_by().values_list("user_id", "clock_in")):
-        if clock_in <= since[user_id] and clock_in > anchors.get(user_id, clock_in - DAY):
-            anchors[user_id] = clock_in
+    for users in _clusters(since):
+        rows = ProcessedAttendance.objects.filter(
+            user_id__in=users,
+            is_manual=False,
+            clock_in__isnull=False,
+            clock_in__lte=max(since[u] for u in users),
+        )
+        if days_back is not None:
+            rows = rows.filter(work_date__gte=min(since[u] for u in users).date() - days_back)
+        for user_id, clock_in in _fetch(rows.order_by().values_list("user_id", "clock_in")):
+            if clock_in <= since[user_id] and clock_in > anchors.get(user_id, clock_in - DAY):
+                anchors[user_id] = clock_in
     return anchors
 
 
@@ -566,15 +588,14 @@ def _stored_rows(
     whose anchor is later change nothing.
     """
     unbounded = [g.user_id for g in batch if anchors.get(g.user_id) is None]
-    bounded = [a for a in anchors.values() if a is not None]
+    bounded = {u: a for u, a in anchors.items() if a is not None}
     querysets = []
     if unbounded:
         querysets.append(ProcessedAttendance.objects.filter(user_id__in=unbounded))
-    if bounded:
+    for users in _clusters(bounded):
         querysets.append(
             ProcessedAttendance.objects.filter(
-                user_id__in=[u for u, a in anchors.items() if a is not None],
-                work_date__gte=min(bounded).date() - DAY,
+                user_id__in=users, work_date__gte=min(bounded[u] for u in users).date() - DAY
             )
         )
     stored: dict[str, dict[datetime.date, _Stored]] = {g.user_id: {} for g in batch}
@@ -592,17 +613,21 @@ def _read_punches(
 ) -> dict[str, list[Punch]]:
     """Each employee's punches in [start, end) (None: unbounded), in time order.
 
-    One query for employees with a start and one for those without, each over
-    the widest bounds of its employees, trimmed to each employee's here.
+    One query for the employees without a start and one per cluster of those
+    with one, each over the widest bounds of its employees, trimmed here.
     """
     punches: dict[str, list[Punch]] = {}
-    for bounded in (True, False):
-        users = [u for u, (start, _) in windows.items() if (start is not None) is bounded]
-        if not users:
-            continue
-        queryset = RawAttendance.objects.filter(user_id__in=users)
-        if bounded:
-            queryset = queryset.filter(timestamp__gte=min(windows[u][0] for u in users))
+    unbounded = [u for u, (start, _) in windows.items() if start is None]
+    bounded = {u: start for u, (start, _) in windows.items() if start is not None}
+    queries = []
+    if unbounded:
+        queries.append((unbounded, RawAttendance.objects.filter(user_id__in=unbounded)))
+    for users in _clusters(bounded):
+        start = min(bounded[u] for u in users)
+        queries.append(
+            (users, RawAttendance.objects.filter(user_id__in=users, timestamp__gte=start))
+        )
+    for users, queryset in queries:
         ends = [windows[u][1] for u in users]
         if None not in ends:
             queryset = queryset.filter(timestamp__lt=max(ends))
@@ -945,30 +970,38 @@ def _foreign_keys_checked_once() -> Iterator[None]:
     PostgreSQL checks each new row's foreign keys on its own at commit: 7 of the
     20 seconds of a first full run over a million punches. Dropping the
     constraints first and adding them back, with the same names and
-    definitions, checks all rows in one query per key instead (under a second).
-    The table is analyzed too, as after any bulk load.
-    Inside the run's transaction, so a failure restores them; it takes the
-    table's lock until commit, and needs the table's owner (the user that runs
-    migrations), which is why only a first load uses it.
+    definitions, checks all rows in one query per key instead (under a second);
+    the table is then analyzed, as after any bulk load. It all happens inside
+    the run's transaction, so a failure restores the constraints. Until the run
+    commits, the table is locked and so are writes to the tables it refers to
+    (devices, employees, users: a poll or an admin login waits), which is why
+    only a first load uses it. A database user that may not alter the table
+    gets the row-by-row checks.
     """
     table = ProcessedAttendance._meta.db_table
     quote = connection.ops.quote_name
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-            "WHERE conrelid = %s::regclass AND contype = 'f' ORDER BY conname",
-            [table],
-        )
-        constraints = cursor.fetchall()
-        for name, _ in constraints:
-            cursor.execute(f"ALTER TABLE {quote(table)} DROP CONSTRAINT {quote(name)}")
+    dropped: list[tuple[str, str]] = []
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conrelid = %s::regclass AND contype = 'f' ORDER BY conname",
+                [table],
+            )
+            constraints = cursor.fetchall()
+            for name, _ in constraints:
+                cursor.execute(f"ALTER TABLE {quote(table)} DROP CONSTRAINT {quote(name)}")
+            dropped = constraints
+    except DatabaseError as exc:
+        logger.warning("Foreign keys stay checked row by row on this first load: %s", exc)
     yield
-    with connection.cursor() as cursor:
-        for name, definition in constraints:
-            cursor.execute(f"ALTER TABLE {quote(table)} ADD CONSTRAINT {quote(name)} {definition}")
-        # The table went from (nearly) empty to full: plan the next runs' queries
-        # on its new size now, not whenever autovacuum gets to it.
-        cursor.execute(f"ANALYZE {quote(table)}")
+    if dropped:
+        with connection.cursor() as cursor:
+            for name, definition in dropped:
+                cursor.execute(
+                    f"ALTER TABLE {quote(table)} ADD CONSTRAINT {quote(name)} {definition}"
+                )
+            cursor.execute(f"ANALYZE {quote(table)}")
 
 
 # --- Which groups a run recomputes ---------------------------------------------------

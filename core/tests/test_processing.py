@@ -606,6 +606,28 @@ def test_a_first_full_load_checks_foreign_keys_once_and_puts_them_back(door, mon
     assert ProcessedAttendance.objects.filter(clock_out_device=door).count() == 30
 
 
+def test_a_first_full_load_by_a_user_that_may_not_alter_the_table_still_completes(
+    door, monkeypatch
+):
+    if connection.vendor != "postgresql":
+        pytest.skip("the bulk load path is PostgreSQL's")
+    monkeypatch.setattr(processing, "BULK_LOAD_PUNCHES", 1)
+    for number in range(30):
+        store(door, str(8100 + number), "2026-11-02 08:00", "2026-11-02 17:00")
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE ROLE processing_not_owner")
+        cursor.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO processing_not_owner")
+        cursor.execute("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO processing_not_owner")
+        cursor.execute("SET LOCAL ROLE processing_not_owner")
+
+    result = attendance_process(full=True)
+
+    with connection.cursor() as cursor:
+        cursor.execute("RESET ROLE")
+    assert result.rows_created == 30
+    assert ProcessedAttendance.objects.filter(clock_in_device=door).count() == 30
+
+
 # --- HR corrections ------------------------------------------------------------------
 
 
