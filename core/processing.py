@@ -71,7 +71,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
-from django.db.models import Count, F, Max, Min, Q, QuerySet
+from django.db.models import Count, F, Lookup, Max, Min, Q, QuerySet
 from django.utils import timezone
 from psycopg.pq import Format
 
@@ -98,6 +98,9 @@ USER_BATCH_INCREMENTAL = 2000
 # than a tenth of what it will create checks foreign keys once at the end (see
 # _foreign_keys_checked_once): the first load of a backlog.
 BULK_LOAD_PUNCHES = 100_000
+# Days before an employee's earliest new punch within which their anchor is looked
+# for first (_stored_rows): yesterday's row, or Friday's on a Monday.
+ANCHOR_DAYS = 3
 # How far apart the windows of employees read by one query may start (_clusters).
 CLUSTER_SPREAD = datetime.timedelta(days=7)
 WRITE_BATCH = 2000
@@ -496,6 +499,30 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
+class _Any(Lookup):
+    """`user_id = ANY(%s)`, with the list as one array: with thousands of employees
+    Django and psycopg spend far longer on `IN (%s, %s, …)` than PostgreSQL does."""
+
+    lookup_name = "any"
+
+    def get_prep_lookup(self):
+        return list(self.rhs)
+
+    def as_sql(self, compiler, connection):
+        lhs, params = self.process_lhs(compiler, connection)
+        return f"{lhs} = ANY(%s)", [*params, self.rhs]
+
+
+for _model in (RawAttendance, ProcessedAttendance, Employee):
+    _model._meta.get_field("user_id").register_lookup(_Any)
+
+
+def _user_in(users: Sequence[str]) -> Q:
+    if connection.vendor == "postgresql":
+        return Q(user_id__any=users)
+    return Q(user_id__in=users)
+
+
 def _clusters(starts: dict[str, datetime.datetime]) -> list[list[str]]:
     """Employees in groups whose starts lie within CLUSTER_SPREAD of each other.
 
@@ -539,73 +566,78 @@ def _fetch(queryset: QuerySet) -> list[tuple]:
         return cursor.fetchall()
 
 
-def _latest_starts(
-    groups: Sequence[_Group], *, days_back: datetime.timedelta | None
-) -> dict[str, datetime.datetime]:
-    since = {g.user_id: g.since for g in groups}
-    anchors: dict[str, datetime.datetime] = {}
-    for users in _clusters(since):
-        rows = ProcessedAttendance.objects.filter(
-            user_id__in=users,
-            is_manual=False,
-            clock_in__isnull=False,
-            clock_in__lte=max(since[u] for u in users),
-        )
-        if days_back is not None:
-            rows = rows.filter(work_date__gte=min(since[u] for u in users).date() - days_back)
-        for user_id, clock_in in _fetch(rows.order_by().values_list("user_id", "clock_in")):
-            if clock_in <= since[user_id] and clock_in > anchors.get(user_id, clock_in - DAY):
-                anchors[user_id] = clock_in
-    return anchors
-
-
-def _anchors(batch: Sequence[_Group]) -> dict[str, datetime.datetime | None]:
-    """For each bounded group, the latest stored shift start at or before `since`.
-
-    Only non-manual rows: HR may have moved a manual row's clock_in. A group with
-    no such row is re-chained from the employee's first punch (None).
-    """
-    bounded = [g for g in batch if g.since is not None]
-    if not bounded:
-        return {}
-    # Usually yesterday's row: look a few days back first, on the (user_id, work_date) index.
-    anchors: dict[str, datetime.datetime | None] = dict(_latest_starts(bounded, days_back=3 * DAY))
-    missing = [g for g in bounded if g.user_id not in anchors]
-    if missing:
-        anchors.update(_latest_starts(missing, days_back=None))
-    for group in missing:
-        anchors.setdefault(group.user_id, None)
-    return anchors
-
-
 def _stored_rows(
-    batch: Sequence[_Group], anchors: dict[str, datetime.datetime | None]
-) -> dict[str, dict[datetime.date, _Stored]]:
-    """Each employee's rows from the day before the anchor's UTC date (all when unanchored).
+    batch: Sequence[_Group],
+) -> tuple[dict[str, datetime.datetime | None], dict[str, dict[datetime.date, _Stored]]]:
+    """Each group's anchor, and its stored rows from the day before the anchor's UTC date on.
 
+    The anchor is the latest stored shift start at or before `since`: only
+    non-manual rows count (HR may have moved a manual row's clock_in); None,
+    and all the employee's rows, when there is none or the group has no `since`.
     The day before: a later shift on a device in a zone behind UTC can be dated
-    that day, never earlier. Rows further back that come along for an employee
-    whose anchor is later change nothing.
+    that day, never earlier. Rows further back that come along change nothing.
+
+    The anchor is usually yesterday's row, so one query reads the last few days'
+    rows and the anchors come from those; an employee with none there (back
+    from leave) gets a second look, further back.
     """
-    unbounded = [g.user_id for g in batch if anchors.get(g.user_id) is None]
-    bounded = {u: a for u, a in anchors.items() if a is not None}
-    querysets = []
-    if unbounded:
-        querysets.append(ProcessedAttendance.objects.filter(user_id__in=unbounded))
-    for users in _clusters(bounded):
-        querysets.append(
-            ProcessedAttendance.objects.filter(
-                user_id__in=users, work_date__gte=min(bounded[u] for u in users).date() - DAY
-            )
-        )
     stored: dict[str, dict[datetime.date, _Stored]] = {g.user_id: {} for g in batch}
-    for queryset in querysets:
+
+    def load(queryset: QuerySet) -> None:
         for row in _fetch(queryset.order_by().values_list(*_STORED_FIELDS)):
             pk, user_id, work_date, *values = row
             *values, is_manual, version, newer, edited_at, reviewed_at = values
             seen = max((m for m in (edited_at, reviewed_at) if m is not None), default=None)
             stored[user_id][work_date] = _Stored(pk, tuple(values), is_manual, version, newer, seen)
-    return stored
+
+    rows = ProcessedAttendance.objects
+    whole = [g.user_id for g in batch if g.since is None]
+    if whole:
+        load(rows.filter(_user_in(whole)))
+    since = {g.user_id: g.since for g in batch if g.since is not None}
+    for users in _clusters(since):
+        first = min(since[u] for u in users).date()
+        load(rows.filter(_user_in(users), work_date__gte=first - (ANCHOR_DAYS + 1) * DAY))
+    anchors: dict[str, datetime.datetime | None] = {}
+    for user_id, moment in since.items():
+        earliest = moment.date() - ANCHOR_DAYS * DAY
+        starts = [
+            row.values[1]
+            for work_date, row in stored[user_id].items()
+            if work_date >= earliest
+            and not row.is_manual
+            and row.values[1] is not None
+            and row.values[1] <= moment
+        ]
+        if starts:
+            anchors[user_id] = max(starts)
+    missing = {u: since[u] for u in since if u not in anchors}
+    if missing:
+        found: dict[str, datetime.datetime] = {}
+        for users in _clusters(missing):
+            candidates = rows.filter(
+                _user_in(users),
+                is_manual=False,
+                clock_in__isnull=False,
+                clock_in__lte=max(missing[u] for u in users),
+            )
+            for user_id, clock_in in _fetch(
+                candidates.order_by().values_list("user_id", "clock_in")
+            ):
+                if clock_in <= missing[user_id] and clock_in > found.get(user_id, clock_in - DAY):
+                    found[user_id] = clock_in
+        for users in _clusters(found):
+            load(
+                rows.filter(
+                    _user_in(users), work_date__gte=min(found[u] for u in users).date() - DAY
+                )
+            )
+        unanchored = [u for u in missing if u not in found]
+        if unanchored:
+            load(rows.filter(_user_in(unanchored)))
+        anchors.update(found)
+        anchors.update(dict.fromkeys(unanchored))
+    return anchors, stored
 
 
 def _read_punches(
@@ -621,12 +653,10 @@ def _read_punches(
     bounded = {u: start for u, (start, _) in windows.items() if start is not None}
     queries = []
     if unbounded:
-        queries.append((unbounded, RawAttendance.objects.filter(user_id__in=unbounded)))
+        queries.append((unbounded, RawAttendance.objects.filter(_user_in(unbounded))))
     for users in _clusters(bounded):
         start = min(bounded[u] for u in users)
-        queries.append(
-            (users, RawAttendance.objects.filter(user_id__in=users, timestamp__gte=start))
-        )
+        queries.append((users, RawAttendance.objects.filter(_user_in(users), timestamp__gte=start)))
     for users, queryset in queries:
         ends = [windows[u][1] for u in users]
         if None not in ends:
@@ -676,12 +706,11 @@ def _window(
 
 def _recompute_batch(batch: Sequence[_Group], *, ctx: _Context, result: ProcessingResult) -> None:
     rules = ctx.rules
-    anchors = _anchors(batch)
-    stored = _stored_rows(batch, anchors)
+    anchors, stored = _stored_rows(batch)
     employees = {
         user_id: (pk, _Hours(None, start, end))
         for user_id, pk, start, end in _fetch(
-            Employee.objects.filter(user_id__in=[g.user_id for g in batch])
+            Employee.objects.filter(_user_in([g.user_id for g in batch]))
             .order_by()
             .values_list("user_id", "id", "work_start_time", "work_end_time")
         )

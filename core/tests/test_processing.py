@@ -486,6 +486,27 @@ def test_a_late_punch_that_starts_a_second_shift_on_a_stored_day_joins_that_day(
     assert result.new_punches == 1
 
 
+def test_late_punches_after_long_gaps_are_chained_from_each_employees_own_last_day(door):
+    # Neither has a day in the three days before their late punch, so their
+    # anchors come from a second, wider look, which must not hand 1001 a day
+    # after its own late punch.
+    with server_clock(0):
+        store(door, "1001", "2026-11-02 08:00", "2026-11-02 17:00")
+        store(door, "1001", "2026-11-15 08:00", "2026-11-15 17:00")
+        store(door, "1002", "2026-11-02 08:00", "2026-11-02 17:00")
+    with server_clock(1):
+        attendance_process()
+
+    with server_clock(2):
+        store(door, "1001", "2026-11-12 08:00", "2026-11-12 17:00")
+        store(door, "1002", "2026-11-18 08:00", "2026-11-18 17:00")
+        result = attendance_process()
+
+    assert result.rows_created == 2
+    assert day("1001", "2026-11-12").worked == 9 * H
+    assert day("1002", "2026-11-18").worked == 9 * H
+
+
 def test_incremental_runs_match_a_full_recompute_whatever_order_punches_arrive_in():
     lisbon = DeviceFactory(name="Lisbon", timezone="Europe/Lisbon")
     madrid = DeviceFactory(name="Madrid", timezone="Europe/Madrid")
