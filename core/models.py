@@ -203,11 +203,27 @@ class ProcessedAttendance(models.Model):
     # No index on these four foreign keys: a handful of devices and HR users
     # make them useless to a query, and each one slowed a full processing run
     # (500 000 rows) by about a second.
+    # No database constraint: these devices took the day's punches, and the
+    # database already refuses to delete a device that has punches
+    # (RawAttendance.device). A per-row check on every processed day would only
+    # slow the bulk writes of a run. The ORM still applies SET_NULL.
     clock_in_device = models.ForeignKey(
-        Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_index=False
+        Device,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
     )
     clock_out_device = models.ForeignKey(
-        Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_index=False
+        Device,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
     )
     punch_count = models.PositiveIntegerField(default=0)
     worked = models.DurationField(null=True, blank=True)

@@ -64,13 +64,13 @@ import logging
 import operator
 import time
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 import psycopg
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.db.models import Count, F, Lookup, Max, Min, Q, QuerySet
 from django.utils import timezone
 from psycopg.pq import Format
@@ -94,10 +94,6 @@ LATE_COMMIT_MARGIN = datetime.timedelta(minutes=15)
 # SQLite keeps to 250, inside its 999 query variables.
 USER_BATCH = 250
 USER_BATCH_INCREMENTAL = 2000
-# A full run over at least this many punches into a table holding fewer rows
-# than a tenth of what it will create checks foreign keys once at the end (see
-# _foreign_keys_checked_once): the first load of a backlog.
-BULK_LOAD_PUNCHES = 100_000
 # Days before an employee's earliest new punch within which their anchor is looked
 # for first (_stored_rows): yesterday's row, or Friday's on a Monday.
 ANCHOR_DAYS = 3
@@ -985,54 +981,6 @@ def _recompute(groups: list[_Group], *, ctx: _Context, result: ProcessingResult)
             _recompute_batch(batch, ctx=ctx, result=result)
 
 
-def _bulk_load(max_id: int) -> bool:
-    if connection.vendor != "postgresql" or max_id < BULK_LOAD_PUNCHES:
-        return False
-    # About one row per two punches; fewer than a tenth of those stored yet.
-    return ProcessedAttendance.objects.count() < max_id // 20
-
-
-@contextlib.contextmanager
-def _foreign_keys_checked_once() -> Iterator[None]:
-    """Checks ProcessedAttendance's foreign keys once, after the writes, not row by row.
-
-    PostgreSQL checks each new row's foreign keys on its own at commit: 7 of the
-    20 seconds of a first full run over a million punches. Dropping the
-    constraints first and adding them back, with the same names and
-    definitions, checks all rows in one query per key instead (under a second);
-    the table is then analyzed, as after any bulk load. It all happens inside
-    the run's transaction, so a failure restores the constraints. Until the run
-    commits, the table is locked and so are writes to the tables it refers to
-    (devices, employees, users: a poll or an admin login waits), which is why
-    only a first load uses it. A database user that may not alter the table
-    gets the row-by-row checks.
-    """
-    table = ProcessedAttendance._meta.db_table
-    quote = connection.ops.quote_name
-    dropped: list[tuple[str, str]] = []
-    try:
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-                "WHERE conrelid = %s::regclass AND contype = 'f' ORDER BY conname",
-                [table],
-            )
-            constraints = cursor.fetchall()
-            for name, _ in constraints:
-                cursor.execute(f"ALTER TABLE {quote(table)} DROP CONSTRAINT {quote(name)}")
-            dropped = constraints
-    except DatabaseError as exc:
-        logger.warning("Foreign keys stay checked row by row on this first load: %s", exc)
-    yield
-    if dropped:
-        with connection.cursor() as cursor:
-            for name, definition in dropped:
-                cursor.execute(
-                    f"ALTER TABLE {quote(table)} ADD CONSTRAINT {quote(name)} {definition}"
-                )
-            cursor.execute(f"ANALYZE {quote(table)}")
-
-
 # --- Which groups a run recomputes ---------------------------------------------------
 
 
@@ -1188,9 +1136,7 @@ def attendance_process(
             groups = _range_groups(date_from, date_to)
         else:
             groups = _new_groups(state, result)
-        bulk = mode == "full" and _bulk_load(max_id)
-        with _foreign_keys_checked_once() if bulk else contextlib.nullcontext():
-            _recompute(groups, ctx=ctx, result=result)
+        _recompute(groups, ctx=ctx, result=result)
         if mode != "range":
             _record_run(state, max_id=max_id, started=ctx.now)
     result.seconds = time.monotonic() - started

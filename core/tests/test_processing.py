@@ -12,7 +12,6 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from core import processing
 from core.models import Employee, ProcessedAttendance, ProcessingState, RawAttendance
 from core.processing import (
     LATE_COMMIT_MARGIN,
@@ -592,61 +591,6 @@ def test_an_incremental_run_stays_within_a_fixed_number_of_queries(
     # punches (two rounds), upsert, record the run: 12, and a savepoint pair.
     with django_assert_max_num_queries(14):
         attendance_process()
-
-
-def test_a_first_full_load_checks_foreign_keys_once_and_puts_them_back(door, monkeypatch):
-    if connection.vendor != "postgresql":
-        pytest.skip("the bulk load path is PostgreSQL's")
-    monkeypatch.setattr(processing, "BULK_LOAD_PUNCHES", 1)
-    used = []
-    original = processing._foreign_keys_checked_once
-
-    def spy():
-        used.append(True)
-        return original()
-
-    monkeypatch.setattr(processing, "_foreign_keys_checked_once", spy)
-
-    def foreign_keys() -> list:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-                "WHERE conrelid = 'core_processedattendance'::regclass AND contype = 'f' "
-                "ORDER BY conname"
-            )
-            return cursor.fetchall()
-
-    before = foreign_keys()
-    for number in range(30):
-        store(door, str(8000 + number), "2026-11-02 08:00", "2026-11-02 17:00")
-
-    attendance_process(full=True)
-
-    assert used == [True]
-    assert foreign_keys() == before and len(before) == 5
-    assert ProcessedAttendance.objects.filter(clock_out_device=door).count() == 30
-
-
-def test_a_first_full_load_by_a_user_that_may_not_alter_the_table_still_completes(
-    door, monkeypatch
-):
-    if connection.vendor != "postgresql":
-        pytest.skip("the bulk load path is PostgreSQL's")
-    monkeypatch.setattr(processing, "BULK_LOAD_PUNCHES", 1)
-    for number in range(30):
-        store(door, str(8100 + number), "2026-11-02 08:00", "2026-11-02 17:00")
-    with connection.cursor() as cursor:
-        cursor.execute("CREATE ROLE processing_not_owner")
-        cursor.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO processing_not_owner")
-        cursor.execute("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO processing_not_owner")
-        cursor.execute("SET LOCAL ROLE processing_not_owner")
-
-    result = attendance_process(full=True)
-
-    with connection.cursor() as cursor:
-        cursor.execute("RESET ROLE")
-    assert result.rows_created == 30
-    assert ProcessedAttendance.objects.filter(clock_in_device=door).count() == 30
 
 
 # --- HR corrections ------------------------------------------------------------------
