@@ -25,41 +25,16 @@ Needs DATABASE_URL pointing at PostgreSQL; uses its own database
 import argparse
 import datetime
 import gc
-import os
 import random
-import sys
 import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from benchdb import setup_django  # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 UTC = datetime.UTC
-
-
-def bench_database_url() -> str:
-    import dj_database_url
-    import psycopg
-
-    url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")):
-        sys.exit("Set DATABASE_URL to a PostgreSQL URL; this benchmark measures PostgreSQL.")
-    config = dj_database_url.parse(url)
-    name = f"{config['NAME']}_bench_processing"
-    admin = psycopg.connect(
-        host=config["HOST"] or "127.0.0.1",
-        port=config["PORT"] or 5432,
-        user=config["USER"] or "postgres",
-        password=config["PASSWORD"] or None,
-        dbname="postgres",
-        autocommit=True,
-    )
-    with admin:
-        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
-        if not exists:
-            admin.execute(f'CREATE DATABASE "{name}"')
-    return url.rsplit("/", 1)[0] + "/" + name
 
 
 def local(day: datetime.date, minutes: int, zone: ZoneInfo) -> datetime.datetime:
@@ -145,20 +120,13 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=10_000, help="punches for the naive loop")
     args = parser.parse_args()
 
-    os.environ["DATABASE_URL"] = bench_database_url()
-    os.environ.setdefault("SECRET_KEY", "benchmark-only-secret-key")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "attendance_bridge.settings")
-    import django
-
-    django.setup()
+    setup_django("bench_processing")
     import time_machine
-    from django.core.management import call_command
     from django.db import connection
 
     from core.models import Device, Employee, ProcessedAttendance
     from core.processing import attendance_process
 
-    call_command("migrate", verbosity=0)
     with connection.cursor() as cursor:
         cursor.execute(
             "TRUNCATE core_rawattendance, core_processedattendance, core_processingstate,"

@@ -112,19 +112,34 @@ def clock_drift(device_now: datetime.datetime, *, zone: ZoneInfo, now: datetime.
 # --- Storing ---------------------------------------------------------------------------
 
 
+def _day_offset(day: datetime.date, zone: ZoneInfo) -> datetime.timedelta | None:
+    """The zone's UTC offset on a local day, or None on a day the offset changes."""
+    first = datetime.datetime.combine(day, datetime.time.min, tzinfo=zone).utcoffset()
+    last = datetime.datetime.combine(day, datetime.time.max, tzinfo=zone).utcoffset()
+    return first if first == last else None
+
+
 def _rows(
     punches: Sequence[Punch], *, zone: ZoneInfo, device_now: datetime.datetime
 ) -> tuple[list[tuple], int]:
     """(user_id, utc, status, punch_state, verify_type, is_suspect, reason) rows, suspect count."""
-    converted: dict[datetime.datetime, datetime.datetime] = {}
+    # A zone's offset is fixed on all but its DST-change days: convert by
+    # subtraction, and through local_to_utc only on the days the offset changes.
+    offsets: dict[datetime.date, datetime.timedelta | None] = {}
     rows = []
     suspect = 0
     latest_plausible = device_now + MAX_AHEAD_OF_DEVICE_CLOCK
     for punch in punches:
         moment = punch.timestamp
-        utc = converted.get(moment)
-        if utc is None:
-            utc = converted[moment] = local_to_utc(moment, zone)
+        day = moment.date()
+        if day in offsets:
+            offset = offsets[day]
+        else:
+            offset = offsets[day] = _day_offset(day, zone)
+        if offset is None:
+            utc = local_to_utc(moment, zone)
+        else:
+            utc = (moment - offset).replace(tzinfo=UTC)
         reason = ""
         if punch.bad_date or moment < EARLIEST_PLAUSIBLE or moment > latest_plausible:
             reason = suspect_reason(punch, device_now=device_now)

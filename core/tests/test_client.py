@@ -133,3 +133,11 @@ def test_28_byte_users_decode_numeric_user_ids():
 def test_an_empty_table_decodes_to_nothing_without_reading_the_buffer():
     assert decode_attendance(b"", 0) == []
     assert decode_users(b"", 0) == []
+
+
+def test_a_record_with_a_date_that_does_not_exist_is_decoded_and_named():
+    feb_30 = ((26 * 12 + 1) * 31 + 29) * 86400 + (7 * 60 + 59) * 60 + 1
+    raw = struct.pack("<H24sBIB8x", 1, b"1001", 1, feb_30, 0)
+    (punch,) = decode_attendance(blob([raw]), 1)
+    assert punch.timestamp == datetime.datetime(2026, 3, 2, 7, 59, 1)
+    assert punch.bad_date == "device date 2026-02-30 does not exist"

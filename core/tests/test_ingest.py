@@ -350,3 +350,17 @@ def test_employees_are_not_duplicated_across_devices():
         device_poll(device=b)
     assert Employee.objects.count() == 2
     assert set(Employee.objects.get(user_id="1001").devices.all()) == {a, b}
+
+
+@pytest.mark.parametrize("zone", ["Europe/Lisbon", "America/New_York", "Australia/Sydney"])
+def test_fast_day_offset_conversion_agrees_with_zoneinfo_every_half_hour_of_a_year(zone):
+    from zoneinfo import ZoneInfo
+
+    from core.ingest import _rows, local_to_utc
+    from core.zk.client import Punch
+
+    tz = ZoneInfo(zone)
+    start = datetime.datetime(2026, 1, 1, 0, 15)
+    punches = [Punch("1", start + datetime.timedelta(minutes=30 * i), 1, 0) for i in range(17_520)]
+    rows, _ = _rows(punches, zone=tz, device_now=datetime.datetime(2027, 1, 1))
+    assert [row[1] for row in rows] == [local_to_utc(p.timestamp, tz) for p in punches]

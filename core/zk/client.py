@@ -204,16 +204,18 @@ def decode_attendance(
         return []
     body, size = _records(buffer, count, "attendance records")
 
-    # Logs repeat the same few hundred user ids and, at minute resolution
-    # around shift changes, the same times: decode each distinct value once.
-    times: dict[int, tuple[datetime.datetime, str | None]] = {}
+    # A log holds a few hundred user ids and a few hundred days, so each user id
+    # and each day is decoded once; a time is its day's midnight plus seconds.
+    days: dict[int, tuple[datetime.datetime, str | None]] = {}
     names: dict[bytes, str] = {}
+    second = datetime.timedelta(seconds=1)
 
     def when(value: int) -> tuple[datetime.datetime, str | None]:
-        decoded = times.get(value)
-        if decoded is None:
-            decoded = times[value] = decode_device_time(value)
-        return decoded
+        day, seconds = divmod(value, 86400)
+        midnight = days.get(day)
+        if midnight is None:
+            midnight = days[day] = decode_device_time(day * 86400)
+        return midnight[0] + seconds * second, midnight[1]
 
     punches: list[Punch] = []
     append = punches.append
