@@ -1,0 +1,68 @@
+"""Settings fail fast, naming the variable, when the environment is badly set."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def load_settings(**env) -> subprocess.CompletedProcess:
+    environment = {"SECRET_KEY": "x", "PATH": "/usr/bin:/bin", "VAR_DIR": "/tmp/ab-settings-test"}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", "import attendance_bridge.settings"],
+        cwd=PROJECT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("MAX_SHIFT_HOURS", "ten", "MAX_SHIFT_HOURS must be a whole number, got 'ten'"),
+        ("DEBUG", "maybe", "DEBUG must be true or false, got 'maybe'"),
+        ("WORK_START_TIME", "8am", "WORK_START_TIME must be a time like 08:00, got '8am'"),
+        ("DEVICE_DEFAULT_TIMEZONE", "Lisbon", "must be an IANA time zone name"),
+        ("LOG_LEVEL", "loud", "LOG_LEVEL must be DEBUG, INFO"),
+        ("FULL_POLL_HOURS", "0", "FULL_POLL_HOURS must be at least 1, got 0"),
+    ],
+)
+def test_a_bad_value_stops_start_up_with_a_message_naming_the_variable(variable, value, message):
+    result = load_settings(**{variable: value})
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert message in result.stderr
+
+
+def test_without_a_secret_key_start_up_stops_unless_debug():
+    assert "SECRET_KEY is not set" in load_settings(SECRET_KEY="").stderr
+    assert load_settings(SECRET_KEY="", DEBUG="true").returncode == 0
+
+
+def test_embedded_defaults_need_no_database_or_broker_server():
+    script = (
+        "from attendance_bridge import settings as s; "
+        "print(s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=PROJECT,
+        # Set and empty, so that a developer's .env cannot fill them in.
+        env={
+            "SECRET_KEY": "x",
+            "PATH": "/usr/bin:/bin",
+            "VAR_DIR": "/tmp/ab-settings-test",
+            "DATABASE_URL": "",
+            "CELERY_BROKER_URL": "",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.split() == ["django.db.backends.sqlite3", "filesystem://"]
