@@ -626,6 +626,18 @@ def test_drop_after_bytes_breaks_the_download_and_the_device_keeps_serving(zk_em
     assert fresh.get_serialnumber() == "EMU0001"
 
 
+def test_stall_after_bytes_hangs_mid_download_and_the_device_keeps_serving(zk_emulator):
+    emu = zk_emulator(small_state(users=20, punches=5000), stall_after_bytes=50_000)
+    conn = ZK(emu.host, port=emu.port, timeout=1, ommit_ping=True).connect()
+    started = time.monotonic()
+    with pytest.raises((TimeoutError, ZKNetworkError)):
+        run_bounded(conn.get_attendance, 30)
+    assert time.monotonic() - started >= 1  # it waited for data that never came
+    fresh = connect(emu)
+    fresh.read_sizes()
+    assert fresh.records == 5000
+
+
 def test_delay_ms_slows_every_reply(zk_emulator):
     emu = zk_emulator(delay_ms=150)
     started = time.monotonic()

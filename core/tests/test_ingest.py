@@ -273,6 +273,14 @@ def test_connection_dropped_mid_transfer_stores_no_partial_data():
     assert "mid-transfer" in result.error or "lost" in result.error
 
 
+def test_device_that_hangs_mid_transfer_times_out_and_stores_no_partial_data():
+    state = state_with(day_punches(3000))
+    emulator = {"stall_after_bytes": 50_000}
+    with emulated(state, timeout_seconds=1, emulator=emulator) as (_emu, device):
+        result = device_poll(device=device)
+    assert_failed(device, result, "did not answer within 1 s while downloading")
+
+
 def test_consecutive_failures_count_up_and_reset_on_success():
     state = state_with(day_punches(3))
     with emulated(state, comm_key=1, emulator={"comm_key": 2}) as (_emu, device):

@@ -810,6 +810,10 @@ class _ClientGone(Exception):
     """The connection was dropped on purpose (drop_after_bytes)."""
 
 
+class _Stalled(Exception):
+    """The device stopped answering mid-reply on purpose (stall_after_bytes)."""
+
+
 class _Session:
     """One client's conversation: a TCP connection, or the datagrams of a UDP peer.
 
@@ -1312,7 +1316,8 @@ class ZKEmulator:
     """Serves a DeviceState over TCP and UDP on one port until stop().
 
     `comm_key` None uses the state's key. Faults: `drop_after_bytes` resets a TCP
-    connection once that many bytes were sent on it, `delay_ms` sleeps before
+    connection once that many bytes were sent on it, `stall_after_bytes` stops
+    sending there but keeps the connection open (a hung device), `delay_ms` sleeps before
     every reply, `silent` reads everything and answers nothing. `live_interval`
     seconds: while a client has registered for attendance events (and the
     device is enabled), a random user punches that often. `clock_offset`
@@ -1327,6 +1332,7 @@ class ZKEmulator:
         comm_key: int | None = None,
         chunked: bool = False,
         drop_after_bytes: int | None = None,
+        stall_after_bytes: int | None = None,
         delay_ms: float = 0,
         silent: bool = False,
         live_interval: float | None = None,
@@ -1342,6 +1348,9 @@ class ZKEmulator:
         if drop_after_bytes is not None:
             _check_int(drop_after_bytes, 0, 2**62, "drop_after_bytes")
         self.drop_after_bytes = drop_after_bytes
+        if stall_after_bytes is not None:
+            _check_int(stall_after_bytes, 0, 2**62, "stall_after_bytes")
+        self.stall_after_bytes = stall_after_bytes
         if delay_ms < 0:
             raise ValueError("delay_ms: must not be negative")
         self.delay_ms = delay_ms
@@ -1568,6 +1577,11 @@ class ZKEmulator:
                 conn.sendall(frame[: max(0, limit - sent)])
                 sent = max(sent, limit)
                 raise _ClientGone
+            stall = self.stall_after_bytes
+            if stall is not None and sent + len(frame) > stall:
+                conn.sendall(frame[: max(0, stall - sent)])
+                sent = max(sent, stall)
+                raise _Stalled
             conn.sendall(frame)
             sent += len(frame)
 
@@ -1601,6 +1615,16 @@ class ZKEmulator:
         except _ClientGone:
             logger.info("%s: dropped after %d bytes (drop_after_bytes)", label, sent)
             abort = True
+        except _Stalled:
+            logger.info("%s: hung after %d bytes (stall_after_bytes)", label, sent)
+            # Hold the connection open, answering nothing, until the client
+            # gives up and closes it or the emulator stops.
+            try:
+                while not self._stopping.is_set():
+                    if selector.select(POLL_INTERVAL) and not conn.recv(65536):
+                        break
+            except OSError as exc:
+                logger.debug("%s: connection ended: %s", label, exc)
         except OSError as exc:
             logger.debug("%s: connection ended: %s", label, exc)
         finally:

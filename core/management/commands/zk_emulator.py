@@ -92,6 +92,13 @@ class Command(BaseCommand):
             help="Fault: reset each TCP connection after N bytes of replies.",
         )
         parser.add_argument(
+            "--stall-after-bytes",
+            type=int,
+            metavar="N",
+            help="Fault: stop answering each TCP connection after N bytes of replies "
+            "(a device that hangs mid-transfer).",
+        )
+        parser.add_argument(
             "--delay-ms", type=float, default=0, help="Fault: wait this long before every reply."
         )
         parser.add_argument(
@@ -117,6 +124,7 @@ class Command(BaseCommand):
                 comm_key=options["comm_key"],
                 chunked=options["chunked"],
                 drop_after_bytes=options["drop_after_bytes"],
+                stall_after_bytes=options["stall_after_bytes"],
                 delay_ms=options["delay_ms"],
                 silent=options["silent"],
                 live_interval=options["live_interval"],
@@ -170,6 +178,9 @@ class Command(BaseCommand):
         faults = [
             f"reset after {emulator.drop_after_bytes} bytes"
             if emulator.drop_after_bytes is not None
+            else "",
+            f"hangs after {emulator.stall_after_bytes} bytes"
+            if emulator.stall_after_bytes is not None
             else "",
             f"{emulator.delay_ms:g} ms delay" if emulator.delay_ms else "",
             "silent" if emulator.silent else "",
