@@ -141,6 +141,8 @@ def _rows(
         else:
             utc = (moment - offset).replace(tzinfo=UTC)
         reason = ""
+        # The same tests as suspect_reason, inline: calling it for every punch
+        # costs a tenth of a second per 100 000, and nearly all punches pass.
         if punch.bad_date or moment < EARLIEST_PLAUSIBLE or moment > latest_plausible:
             reason = suspect_reason(punch, device_now=device_now)
             suspect += 1

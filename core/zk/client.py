@@ -24,7 +24,7 @@ from zk import const as zk_const
 from zk.base import ZK_helper
 from zk.exception import ZKError, ZKErrorResponse, ZKNetworkError
 
-from core.zk.protocol import split_time
+from core.zk.protocol import USER_28, USER_72, split_time
 
 # --- Errors ------------------------------------------------------------------------
 
@@ -120,8 +120,6 @@ ATTENDANCE_16 = struct.Struct("<IIBB6x")  # user_id (numeric), time, status, pun
 # real devices (pyzk issues #56, #92, #99) put it at offset 4 after the status
 # and punch bytes; reading it at 3 gives the far-future dates those issues show.
 ATTENDANCE_8 = struct.Struct("<HBBI")  # uid, status, punch, time
-USER_72 = struct.Struct("<HB8s24sIx7sx24s")
-USER_28 = struct.Struct("<HB5s8sIxBhI")
 
 
 def _text(raw: bytes, encoding: str) -> str:

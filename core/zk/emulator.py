@@ -30,7 +30,7 @@ from datetime import date, datetime, timedelta
 from datetime import time as dtime
 from pathlib import Path
 
-from core.zk.protocol import decode_time, encode_time
+from core.zk.protocol import USER_28, USER_72, decode_time, encode_time
 
 logger = logging.getLogger(__name__)
 
@@ -664,8 +664,6 @@ def _template_from_dict(item, where: str) -> FingerTemplate:
 # --- Record layouts (§4) --------------------------------------------------------------
 
 _USER72 = struct.Struct("<HB8s24sIB7sx24s")
-_USER28 = struct.Struct("<HB5s8sIxBhI")
-_USER72_IN = struct.Struct("<HB8s24sIx7sx24s")
 _ATT40 = struct.Struct("<H24sBIB8s")
 _ATT16 = struct.Struct("<IIBB2sI")
 # zk-protocol data-record.md shows these eight trailing bytes on real records.
@@ -697,7 +695,7 @@ def _users_blob(users: list[UserRecord], tcp: bool) -> bytes:
         )
     else:
         body = b"".join(
-            _USER28.pack(
+            USER_28.pack(
                 u.uid,
                 u.privilege,
                 _fit(u.password, 5),
@@ -753,8 +751,8 @@ def _templates_blob(templates: list[FingerTemplate]) -> bytes:
 def _user_from_wire(payload: bytes) -> UserRecord:
     # pyzk sends 72-byte records over TCP but 28-byte ones over UDP until its
     # first get_users(), so the length decides, not the transport (§4.1).
-    if len(payload) >= _USER72_IN.size:
-        uid, privilege, password, name, card, group_id, user_id = _USER72_IN.unpack_from(payload)
+    if len(payload) >= USER_72.size:
+        uid, privilege, password, name, card, group_id, user_id = USER_72.unpack_from(payload)
         return UserRecord(
             uid=uid,
             user_id=_cstr(user_id) or str(uid),
@@ -764,7 +762,7 @@ def _user_from_wire(payload: bytes) -> UserRecord:
             card=card,
             group_id=_cstr(group_id).strip(),
         )
-    uid, privilege, password, name, card, group_id, _tz, user_id = _USER28.unpack_from(payload)
+    uid, privilege, password, name, card, group_id, _tz, user_id = USER_28.unpack_from(payload)
     return UserRecord(
         uid=uid,
         user_id=str(user_id or uid),
@@ -1069,7 +1067,7 @@ class _Session:
         self._ok()
 
     def _on_user_write(self, payload: bytes) -> None:
-        if len(payload) < _USER28.size:
+        if len(payload) < USER_28.size:
             self._error()
             return
         self._emu.state.upsert_user(_user_from_wire(payload))

@@ -3,6 +3,7 @@
 Stdlib only: the emulator runs without Django.
 """
 
+import struct
 from datetime import datetime
 
 
@@ -34,3 +35,11 @@ def decode_time(value: int) -> datetime:
     """The naive local datetime of a u32 time; ValueError for a date that does not
     exist (say 31 February)."""
     return datetime(*split_time(value))
+
+
+# User records (../shared/ZK_PROTOCOL.md §4.1), as the device sends them and as
+# pyzk writes them with CMD_USER_WRQ.
+# 72-byte ZK8 (TCP): uid, privilege, password, name, card, pad, group_id, pad, user_id.
+USER_72 = struct.Struct("<HB8s24sIx7sx24s")
+# 28-byte ZK6 (UDP): uid, privilege, password, name, card, pad, group, timezone, user_id (u32).
+USER_28 = struct.Struct("<HB5s8sIxBhI")
