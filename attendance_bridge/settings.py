@@ -68,6 +68,26 @@ def envfloat(name: str, default: float, *, minimum: float | None = None) -> floa
     return number
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def envduration(name: str, default: str) -> datetime.timedelta:
+    """A duration written as a number and a unit: 45s, 15m, 12h, 1d."""
+    value = envstr(name, default).strip()
+    unit = _DURATION_UNITS.get(value[-1:].lower())
+    try:
+        if unit is None:
+            raise ValueError
+        number = float(value[:-1])
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"{name} must be a duration such as 90s, 15m, 12h or 1d, got {value!r}"
+        ) from None
+    if number < 0:
+        raise ImproperlyConfigured(f"{name} must not be negative, got {value!r}")
+    return datetime.timedelta(seconds=number * unit)
+
+
 def envlist(name: str, default: list[str]) -> list[str]:
     value = os.environ.get(name)
     if value is None or value.strip() == "":
@@ -182,8 +202,11 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "attendance_bridge.sqlite3",
-            # Web, worker and beat share the file: wait for a lock instead of failing.
-            "OPTIONS": {"timeout": 20},
+            "OPTIONS": {
+                # Web, worker and beat share the file: a writer waits this long
+                # for another's lock before it fails with "database is locked".
+                "timeout": envint("SQLITE_BUSY_TIMEOUT_SECONDS", 20, minimum=1),
+            },
         }
     }
 
@@ -227,10 +250,23 @@ POLL_INTERVAL_MINUTES = envint("POLL_INTERVAL_MINUTES", 5, minimum=1)
 # A full download is forced this often even when the record count is unchanged,
 # because a device can be cleared and refilled to the same count.
 FULL_POLL_HOURS = envint("FULL_POLL_HOURS", 24, minimum=1)
+# A punch dated further ahead of the server's now (in the device's zone) than
+# this is suspect: the clock was set wrong when it was taken.
+SUSPECT_FUTURE_TOLERANCE = envduration("SUSPECT_FUTURE_TOLERANCE", "1d")
+# A device clock further off the server's than this is reported at every poll
+# (admin health, the poll's log line); its punches are still judged by the
+# server's time.
+CLOCK_DRIFT_ALERT_SECONDS = envint("CLOCK_DRIFT_ALERT_SECONDS", 300, minimum=1)
 
 
 # --- Daily processing ----------------------------------------------------------------
 
+# Incremental processing re-reads punches stored this long before the previous
+# run started, to catch a poll whose rows were written (received_at) before
+# that run but committed after it. It must exceed the longest time from a
+# poll's write to its commit; a poll's write and commit are one short
+# transaction, so the default leaves a wide margin.
+LATE_COMMIT_MARGIN = envduration("LATE_COMMIT_MARGIN", "15m")
 # A shift takes in every punch within this many hours of its first punch.
 MAX_SHIFT_HOURS = envint("MAX_SHIFT_HOURS", 16, minimum=1)
 # Punches of one employee this close together count as one (double taps).

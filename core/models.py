@@ -7,6 +7,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.utils.timezone import now
 
 
 def validate_timezone(value: str) -> None:
@@ -31,6 +32,24 @@ class Device(models.Model):
         TCP = "tcp", "TCP"
         UDP = "udp", "UDP"
 
+    class Encoding(models.TextChoices):
+        # The code page a clock writes user names in: UTF-8 on current
+        # firmware, the region's legacy code page on older clocks.
+        UTF8 = "utf-8", "UTF-8 (current firmware)"
+        CP1252 = "cp1252", "Western European (cp1252)"
+        CP1250 = "cp1250", "Central European (cp1250)"
+        CP1251 = "cp1251", "Cyrillic (cp1251)"
+        CP1253 = "cp1253", "Greek (cp1253)"
+        CP1254 = "cp1254", "Turkish (cp1254)"
+        CP1255 = "cp1255", "Hebrew (cp1255)"
+        CP1256 = "cp1256", "Arabic (cp1256)"
+        CP1258 = "cp1258", "Vietnamese (cp1258)"
+        CP874 = "cp874", "Thai (cp874)"
+        GB18030 = "gb18030", "Chinese, simplified (GB18030, GBK, GB2312)"
+        BIG5 = "big5", "Chinese, traditional (Big5)"
+        CP932 = "cp932", "Japanese (Shift JIS, cp932)"
+        CP949 = "cp949", "Korean (EUC-KR, cp949)"
+
     # --- what the operator sets ---
     name = models.CharField(max_length=100, unique=True)
     # IPv4 only: ZKTeco clocks and pyzk speak IPv4.
@@ -53,6 +72,12 @@ class Device(models.Model):
         default=default_device_timezone,
         validators=[validate_timezone],
         help_text="IANA zone of the device clock, e.g. Europe/Lisbon.",
+    )
+    encoding = models.CharField(
+        max_length=16,
+        choices=Encoding.choices,
+        default=Encoding.UTF8,
+        help_text="How the clock writes user names; a name that is not valid in it is reported.",
     )
     enabled = models.BooleanField(default=True, help_text="Disabled devices are not polled.")
     # Outlier rule overrides for everyone punching on this device (a warehouse
@@ -91,6 +116,14 @@ class Device(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # Talking to a clock is more than changing its row: each has its own
+        # permission, so a view-only user can look at devices and change nothing.
+        permissions = [
+            ("poll_device", "Can poll devices (download their punches)"),
+            ("test_device", "Can test the connection to devices"),
+            ("sync_device_clock", "Can set the clock of devices"),
+            ("manage_device_users", "Can add, change and remove the users on devices"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -158,9 +191,22 @@ class RawAttendance(models.Model):
     status = models.PositiveSmallIntegerField(default=0)
     punch_state = models.PositiveSmallIntegerField(default=0, choices=PunchState.choices)
     verify_type = models.PositiveSmallIntegerField(default=0, choices=VerifyType.choices)
+    # The verdict processing reads: the automatic one (core.ingest judges each
+    # punch again at every download), or the operator's when one is set.
     is_suspect = models.BooleanField(default=False)
     suspect_reason = models.CharField(max_length=200, blank=True)
-    received_at = models.DateTimeField(auto_now_add=True)
+    # An operator's verdict (admin), which later downloads never overwrite;
+    # None means the automatic verdict stands.
+    suspect_override = models.BooleanField(null=True, blank=True)
+    # A username, not a foreign key: a constraint would add a check per
+    # inserted punch to every poll, and the record must outlive the account.
+    suspect_override_by = models.CharField(max_length=150, blank=True, db_default="")
+    suspect_override_at = models.DateTimeField(null=True, blank=True)
+    # When the poll that stored the punch wrote it (not when the poll started).
+    received_at = models.DateTimeField(default=now)
+    # When the verdict last changed after the punch was stored (a later
+    # download, or an operator); processing reads such punches as new.
+    revised_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         verbose_name = "raw punch"
@@ -174,7 +220,15 @@ class RawAttendance(models.Model):
         indexes = [
             models.Index(fields=["user_id", "timestamp"], name="raw_attendance_user_time"),
             models.Index(fields=["timestamp"], name="raw_attendance_time"),
+            # Partial: nearly every punch is never revised, and an index that
+            # held them all would slow every poll's bulk insert.
+            models.Index(
+                fields=["revised_at"],
+                name="raw_attendance_revised",
+                condition=models.Q(revised_at__isnull=False),
+            ),
         ]
+        permissions = [("judge_punch", "Can set or clear the suspect flag of punches")]
 
     def __str__(self) -> str:
         return f"{self.user_id} @ {self.timestamp:%Y-%m-%d %H:%M:%S} UTC on device {self.device_id}"
