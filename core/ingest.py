@@ -24,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
+import psycopg
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import OperationalError, ProgrammingError, connection, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 UTC = datetime.UTC
 # Devices reset to their factory date (often 2000-01-01) after losing power.
 EARLIEST_PLAUSIBLE = datetime.datetime(2001, 1, 1)
-MAX_AHEAD_OF_DEVICE_CLOCK = datetime.timedelta(days=1)
 INSERT_BATCH = 20_000
 
 
@@ -50,20 +50,25 @@ class PollResult:
     downloaded: int = 0
     new: int = 0
     duplicates: int = 0
+    revised: int = 0
     suspect: int = 0
     users: int = 0
     seconds: float = 0.0
     error: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         if not self.ok:
-            return f"{self.device_name}: FAILED after {self.seconds:.2f}s: {self.error}"
-        if self.quick:
-            return f"{self.device_name}: unchanged, nothing downloaded ({self.seconds:.2f}s)"
-        return (
-            f"{self.device_name}: {self.new} new, {self.duplicates} duplicate, "
-            f"{self.suspect} suspect of {self.downloaded} downloaded ({self.seconds:.2f}s)"
-        )
+            line = f"{self.device_name}: FAILED after {self.seconds:.2f}s: {self.error}"
+        elif self.quick:
+            line = f"{self.device_name}: unchanged, nothing downloaded ({self.seconds:.2f}s)"
+        else:
+            revised = f"{self.revised} re-judged, " if self.revised else ""
+            line = (
+                f"{self.device_name}: {self.new} new, {self.duplicates} duplicate, {revised}"
+                f"{self.suspect} suspect of {self.downloaded} downloaded ({self.seconds:.2f}s)"
+            )
+        return "; ".join([line, *self.warnings])
 
 
 @dataclass
@@ -88,20 +93,44 @@ def local_to_utc(moment: datetime.datetime, zone: ZoneInfo) -> datetime.datetime
     return moment.replace(tzinfo=zone, fold=0).astimezone(UTC)
 
 
-def suspect_reason(punch: Punch, *, device_now: datetime.datetime) -> str:
-    """Why a punch's time cannot be right, or "" when it is plausible."""
+def latest_plausible(zone: ZoneInfo, *, now: datetime.datetime) -> datetime.datetime:
+    """The latest device-local time a punch can plausibly carry: the server's now in
+    the device's zone plus SUSPECT_FUTURE_TOLERANCE.
+
+    The server's clock, not the device's: a clock reset to 2000 by a power cut
+    must not make the real punches it took before look like the future, and a
+    clock set years ahead must not make its future dates look fine.
+    """
+    return now.astimezone(zone).replace(tzinfo=None) + settings.SUSPECT_FUTURE_TOLERANCE
+
+
+def suspect_reason(punch: Punch, *, latest: datetime.datetime) -> str:
+    """Why a punch's time cannot be right, or "" when it is plausible.
+
+    `latest` comes from latest_plausible(). The wording does not depend on the
+    moment of judging, so judging the same punch again gives the same reason.
+    """
     if punch.bad_date:
         return punch.bad_date
     if punch.timestamp < EARLIEST_PLAUSIBLE:
         return (
             f"recorded {punch.timestamp:%Y-%m-%d %H:%M}, before 2001: the device clock was not set"
         )
-    if punch.timestamp > device_now + MAX_AHEAD_OF_DEVICE_CLOCK:
+    if punch.timestamp > latest:
         return (
-            f"recorded {punch.timestamp:%Y-%m-%d %H:%M}, more than a day ahead of the device "
-            f"clock ({device_now:%Y-%m-%d %H:%M})"
+            f"recorded {punch.timestamp:%Y-%m-%d %H:%M}, more than "
+            f"{_tolerance_text()} ahead of the server's time: the device clock was set wrong"
         )
     return ""
+
+
+def _tolerance_text() -> str:
+    seconds = int(settings.SUSPECT_FUTURE_TOLERANCE.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds % size == 0 and seconds >= size:
+            count = seconds // size
+            return f"{count} {unit}" + ("s" if count != 1 else "")
+    return f"{seconds} s"
 
 
 def clock_drift(device_now: datetime.datetime, *, zone: ZoneInfo, now: datetime.datetime) -> float:
@@ -120,7 +149,7 @@ def _day_offset(day: datetime.date, zone: ZoneInfo) -> datetime.timedelta | None
 
 
 def _rows(
-    punches: Sequence[Punch], *, zone: ZoneInfo, device_now: datetime.datetime
+    punches: Sequence[Punch], *, zone: ZoneInfo, latest: datetime.datetime
 ) -> tuple[list[tuple], int]:
     """(user_id, utc, status, punch_state, verify_type, is_suspect, reason) rows, suspect count."""
     # A zone's offset is fixed on all but its DST-change days: convert by
@@ -128,7 +157,6 @@ def _rows(
     offsets: dict[datetime.date, datetime.timedelta | None] = {}
     rows = []
     suspect = 0
-    latest_plausible = device_now + MAX_AHEAD_OF_DEVICE_CLOCK
     for punch in punches:
         moment = punch.timestamp
         day = moment.date()
@@ -143,8 +171,8 @@ def _rows(
         reason = ""
         # The same tests as suspect_reason, inline: calling it for every punch
         # costs a tenth of a second per 100 000, and nearly all punches pass.
-        if punch.bad_date or moment < EARLIEST_PLAUSIBLE or moment > latest_plausible:
-            reason = suspect_reason(punch, device_now=device_now)
+        if punch.bad_date or moment < EARLIEST_PLAUSIBLE or moment > latest:
+            reason = suspect_reason(punch, latest=latest)
             suspect += 1
         # The status byte is the verification method on every firmware we know.
         rows.append(
@@ -159,29 +187,63 @@ _COLUMNS = (
 )
 _COPY_TYPES = ["varchar", "timestamptz", "int2", "int2", "int2", "bool", "varchar"]
 
-_PG_INSERT = f"""
-    INSERT INTO {RawAttendance._meta.db_table}
-        (device_id, user_id, "timestamp", status, punch_state, verify_type,
-         is_suspect, suspect_reason, received_at)
-    SELECT %s, user_id, ts, status, punch_state, verify_type, is_suspect, suspect_reason, %s
-    FROM incoming_punches
-    ON CONFLICT (device_id, user_id, "timestamp") DO NOTHING
+_TABLE = RawAttendance._meta.db_table
+_INSERT_COLUMNS = """(device_id, user_id, "timestamp", status, punch_state, verify_type,
+         is_suspect, suspect_reason, received_at)"""
+# A punch already stored is judged again: its verdict (flag and reason) is
+# replaced when it changed, and revised_at tells processing to read it as new.
+# An operator's verdict (suspect_override) is never replaced.
+_REJUDGE = f"""
+    ON CONFLICT (device_id, user_id, "timestamp") DO UPDATE
+    SET is_suspect = excluded.is_suspect,
+        suspect_reason = excluded.suspect_reason,
+        revised_at = excluded.received_at
+    WHERE {_TABLE}.suspect_override IS NULL
+      AND ({_TABLE}.is_suspect <> excluded.is_suspect
+           OR {_TABLE}.suspect_reason <> excluded.suspect_reason)
 """
 
-_SQLITE_INSERT = f"""
-    INSERT OR IGNORE INTO {RawAttendance._meta.db_table}
-        (device_id, user_id, "timestamp", status, punch_state, verify_type,
-         is_suspect, suspect_reason, received_at)
+# xmax = 0 on a row this statement inserted; an updated row has the xmax of
+# this transaction. One row of counts comes back, not one row per punch.
+_PG_UPSERT = f"""
+    WITH written AS (
+        INSERT INTO {_TABLE} {_INSERT_COLUMNS}
+        SELECT %s, user_id, ts, status, punch_state, verify_type, is_suspect,
+               suspect_reason, %s
+        FROM {{source}}
+        {_REJUDGE}
+        RETURNING xmax = 0 AS inserted
+    )
+    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
+    FROM written
+"""
+
+_SQLITE_UPSERT = f"""
+    INSERT INTO {_TABLE} {_INSERT_COLUMNS}
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+    {_REJUDGE}
 """
 
 
-def punches_store(*, device: Device, rows: Sequence[tuple], received_at: datetime.datetime) -> int:
-    """Inserts punch rows, skipping ones already stored. Returns how many were new.
+@dataclass(frozen=True)
+class StoreCounts:
+    new: int
+    revised: int
+
+
+def punches_store(
+    *, device: Device, rows: Sequence[tuple], received_at: datetime.datetime
+) -> StoreCounts:
+    """Inserts punch rows and re-judges the ones already stored.
+
+    Idempotent: a punch is stored once (unique device, user_id, timestamp); one
+    stored before gets the verdict in `rows` when that differs from its own
+    (and no operator set it), with revised_at = received_at. Storing the same
+    rows again changes nothing.
 
     Set-based: on PostgreSQL the rows are streamed with binary COPY into a
-    temporary table and inserted with one INSERT ... ON CONFLICT DO NOTHING;
-    elsewhere one executemany per INSERT_BATCH rows with INSERT OR IGNORE.
+    temporary table and written with one INSERT ... ON CONFLICT DO UPDATE;
+    elsewhere one executemany per INSERT_BATCH rows.
     """
     with transaction.atomic(), connection.cursor() as cursor:
         if connection.vendor == "postgresql":
@@ -190,21 +252,38 @@ def punches_store(*, device: Device, rows: Sequence[tuple], received_at: datetim
                 copy.set_types(_COPY_TYPES)
                 for row in rows:
                     copy.write_row(row)
-            cursor.execute(_PG_INSERT, [device.pk, received_at])
-            new = cursor.rowcount
+            try:
+                with transaction.atomic():
+                    cursor.execute(
+                        _PG_UPSERT.format(source="incoming_punches"), [device.pk, received_at]
+                    )
+            except ProgrammingError as exc:
+                # ON CONFLICT DO UPDATE may not touch one row twice, and some
+                # firmware logs the same record twice: only then pay for a sort.
+                if not isinstance(exc.__cause__, psycopg.errors.CardinalityViolation):
+                    raise
+                source = "(SELECT DISTINCT ON (user_id, ts) * FROM incoming_punches) AS incoming"
+                cursor.execute(_PG_UPSERT.format(source=source), [device.pk, received_at])
+            new, revised = cursor.fetchone()
             cursor.execute("DROP TABLE incoming_punches")
-            return new
-        new = 0
+            return StoreCounts(new=new, revised=revised)
+
+        count = f"SELECT count(*) FROM {_TABLE} WHERE device_id = %s"
+        cursor.execute(count, [device.pk])
+        (before,) = cursor.fetchone()
+        written = 0
         adapt = connection.ops.adapt_datetimefield_value
         stamp = adapt(received_at)
         for start in range(0, len(rows), INSERT_BATCH):
             batch = rows[start : start + INSERT_BATCH]
             cursor.executemany(
-                _SQLITE_INSERT,
+                _SQLITE_UPSERT,
                 [(device.pk, row[0], adapt(row[1]), *row[2:], stamp) for row in batch],
             )
-            new += max(cursor.rowcount, 0)
-        return new
+            written += max(cursor.rowcount, 0)
+        cursor.execute(count, [device.pk])
+        (after,) = cursor.fetchone()
+        return StoreCounts(new=after - before, revised=written - (after - before))
 
 
 def employees_store(*, device: Device, users: Iterable[DeviceUser]) -> int:
@@ -288,39 +367,90 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
         logger.warning("Poll of device %s (id %s) failed: %s", device.name, device.pk, exc)
         return result
 
+    drift = clock_drift(device_now, zone=zone, now=now)
     facts = {
         **identity,
         "user_count": sizes.users,
         "user_capacity": sizes.users_capacity,
         "record_count": sizes.records,
         "record_capacity": sizes.records_capacity,
-        "clock_drift_seconds": clock_drift(device_now, zone=zone, now=now),
+        "clock_drift_seconds": drift,
         "last_poll_at": now,
         "last_success_at": now,
         "last_error": "",
         "consecutive_failures": 0,
     }
-    if download:
-        rows, result.suspect = _rows(punches, zone=zone, device_now=device_now)
-        with transaction.atomic():
-            result.new = punches_store(device=device, rows=rows, received_at=now)
-            result.users = employees_store(device=device, users=users)
-            facts.update(
-                last_full_download_at=now,
-                last_record_count=sizes.records,
-                last_serial_number=identity["serial_number"],
-            )
+    if abs(drift) > settings.CLOCK_DRIFT_ALERT_SECONDS:
+        warning = drift_warning(drift)
+        result.warnings.append(warning)
+        logger.warning("Device %s (id %s): %s", device.name, device.pk, warning)
+    try:
+        if download:
+            rows, result.suspect = _rows(punches, zone=zone, latest=latest_plausible(zone, now=now))
+            with transaction.atomic():
+                # Stamped as the rows are written, so processing's late-commit
+                # margin only has to cover this transaction, not the download.
+                received_at = timezone.now()
+                counts = punches_store(device=device, rows=rows, received_at=received_at)
+                result.users = employees_store(device=device, users=users)
+                facts.update(
+                    last_full_download_at=now,
+                    last_record_count=sizes.records,
+                    last_serial_number=identity["serial_number"],
+                )
+                Device.objects.filter(pk=device.pk).update(**facts)
+            result.new, result.revised = counts.new, counts.revised
+            result.downloaded = len(rows)
+            result.duplicates = len(rows) - result.new
+        else:
+            result.quick = True
             Device.objects.filter(pk=device.pk).update(**facts)
-        result.downloaded = len(rows)
-        result.duplicates = len(rows) - result.new
-    else:
-        result.quick = True
-        Device.objects.filter(pk=device.pk).update(**facts)
+    except OperationalError as exc:
+        if not _database_locked(exc):
+            raise
+        result.error = (
+            f"the database was locked by another process for more than {_busy_timeout()} s "
+            "(SQLITE_BUSY_TIMEOUT_SECONDS); nothing from this device was stored, the next poll "
+            "tries again"
+        )
+        result.seconds = time.monotonic() - started
+        logger.warning("Poll of device %s (id %s) failed: %s", device.name, device.pk, exc)
+        try:
+            device_record_failure(device=device, error=result.error, at=now)
+        except OperationalError:
+            logger.warning("Could not record the failure on device %s: still locked", device.pk)
+        return result
     for name, value in facts.items():
         setattr(device, name, value)
     result.ok = True
     result.seconds = time.monotonic() - started
     return result
+
+
+def drift_warning(drift_seconds: float) -> str:
+    """The operator's line about a device clock that is off the server's time."""
+    size = abs(drift_seconds)
+    if size >= 2 * 86400:
+        amount = f"{size / 86400:.0f} days"
+    elif size >= 2 * 3600:
+        amount = f"{size / 3600:.0f} hours"
+    elif size >= 120:
+        amount = f"{size / 60:.0f} minutes"
+    else:
+        amount = f"{size:.0f} s"
+    side = "ahead of" if drift_seconds > 0 else "behind"
+    return (
+        f"the device clock is {amount} {side} the server's time (Sync clock sets it); "
+        "its punches are judged by the server's time"
+    )
+
+
+def _database_locked(exc: OperationalError) -> bool:
+    return connection.vendor == "sqlite" and "locked" in str(exc)
+
+
+def _busy_timeout() -> float:
+    return connection.settings_dict.get("OPTIONS", {}).get("timeout", 5)
 
 
 def device_record_failure(*, device: Device, error: str, at: datetime.datetime) -> None:
