@@ -2,12 +2,15 @@
 
 import datetime
 import socket
+import sqlite3
 from contextlib import contextmanager
 
 import pytest
+import time_machine
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from core.ingest import device_poll, device_sync_time, device_test, devices_poll
 from core.models import Device, Employee, RawAttendance
@@ -225,6 +228,105 @@ def test_punches_with_impossible_times_are_kept_and_flagged():
     assert not RawAttendance.objects.get(user_id="1002").is_suspect
 
 
+def server_local_now() -> datetime.datetime:
+    """Now as a UTC-zone clock shows it (the test devices' zone)."""
+    return datetime.datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+def test_clock_reset_to_2000_before_the_poll_does_not_flag_the_real_punches_it_took():
+    taken = server_local_now() - datetime.timedelta(hours=3)
+    punches = [("1001", taken), ("1002", taken + datetime.timedelta(minutes=5))]
+    # The power cut reset the clock to its factory date after the punches.
+    reset = (datetime.datetime(2000, 1, 1, 1, 0) - server_local_now()).total_seconds()
+    with emulated(state_with(punches), emulator={"clock_offset": reset}) as (_emu, device):
+        result = device_poll(device=device)
+
+    assert (result.new, result.suspect) == (2, 0)
+    assert not RawAttendance.objects.filter(is_suspect=True).exists()
+    device.refresh_from_db()
+    assert device.clock_drift_seconds < -20 * 365 * 86400
+    assert "the device clock is" in result.summary()
+    assert "days behind the server's time" in result.summary()
+
+
+def test_clock_set_years_ahead_makes_its_future_punches_suspect():
+    ahead = 5 * 365 * 86400
+    future = server_local_now() + datetime.timedelta(seconds=ahead, minutes=-10)
+    punches = [("1001", future), ("1002", server_local_now() - datetime.timedelta(hours=1))]
+    with emulated(state_with(punches), emulator={"clock_offset": ahead}) as (_emu, device):
+        result = device_poll(device=device)
+
+    assert (result.new, result.suspect) == (2, 1)
+    suspect = RawAttendance.objects.get(is_suspect=True)
+    assert suspect.user_id == "1001"
+    assert "more than 1 day ahead of the server's time" in suspect.suspect_reason
+    assert "days ahead of the server's time" in result.summary()
+
+
+def test_suspect_future_tolerance_is_a_setting(settings):
+    settings.SUSPECT_FUTURE_TOLERANCE = datetime.timedelta(hours=2)
+    punches = [("1001", server_local_now() + datetime.timedelta(hours=3))]
+    with emulated(state_with(punches)) as (_emu, device):
+        result = device_poll(device=device)
+    assert result.suspect == 1
+    assert "more than 2 hours ahead" in RawAttendance.objects.get().suspect_reason
+
+
+def test_a_punch_downloaded_again_is_judged_again_and_marked_revised(settings):
+    settings.SUSPECT_FUTURE_TOLERANCE = datetime.timedelta(hours=1)
+    later = server_local_now() + datetime.timedelta(hours=2)
+    with emulated(state_with([("1001", later)])) as (_emu, device):
+        first = device_poll(device=device)
+        punch = RawAttendance.objects.get()
+        assert (first.suspect, punch.is_suspect, punch.revised_at) == (1, True, None)
+
+        # Three hours on, the same punch is no longer ahead of the server's time.
+        with time_machine.travel(datetime.timedelta(hours=3)):
+            second = device_poll(device=device, force_full=True)
+            polled_at = timezone.now()
+
+    assert (second.new, second.revised, second.suspect) == (0, 1, 0)
+    assert "1 re-judged" in second.summary()
+    punch.refresh_from_db()
+    assert (punch.is_suspect, punch.suspect_reason) == (False, "")
+    assert punch.revised_at is not None
+    assert punch.revised_at <= polled_at
+    assert punch.received_at < punch.revised_at
+
+
+def test_downloading_the_same_log_again_revises_nothing():
+    punches = [("1001", datetime.datetime(2000, 1, 1, 0, 0, 5)), *day_punches(5)]
+    with emulated(state_with(punches)) as (_emu, device):
+        device_poll(device=device)
+        again = device_poll(device=device, force_full=True)
+    assert (again.new, again.revised, again.duplicates) == (0, 0, 6)
+    assert not RawAttendance.objects.filter(revised_at__isnull=False).exists()
+
+
+def test_an_operator_verdict_survives_later_downloads():
+    punches = [("1001", datetime.datetime(2000, 1, 1, 0, 0, 5))]
+    with emulated(state_with(punches)) as (_emu, device):
+        device_poll(device=device)
+        RawAttendance.objects.update(
+            suspect_override=False, is_suspect=False, suspect_reason="cleared by alice: checked"
+        )
+        again = device_poll(device=device, force_full=True)
+    assert again.revised == 0
+    punch = RawAttendance.objects.get()
+    assert (punch.is_suspect, punch.suspect_reason) == (False, "cleared by alice: checked")
+
+
+def test_a_record_the_device_logged_twice_is_stored_once():
+    moment = datetime.datetime(2026, 11, 2, 8, 0)
+    punches = [("1001", moment), ("1001", moment), ("1002", moment)]
+    with emulated(state_with(punches)) as (_emu, device):
+        result = device_poll(device=device)
+        again = device_poll(device=device, force_full=True)
+    assert (result.downloaded, result.new, result.duplicates) == (3, 2, 1)
+    assert (again.new, again.revised) == (0, 0)
+    assert RawAttendance.objects.count() == 2
+
+
 # --- Failures --------------------------------------------------------------------------
 
 
@@ -322,6 +424,33 @@ def test_sync_time_sets_the_device_clock_to_now_in_its_zone():
 
 
 # --- Commands ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's file lock")
+def test_a_locked_sqlite_database_fails_each_device_with_a_message_and_raises_nothing():
+    with (
+        emulated(state_with(day_punches(10))) as (_emu, first),
+        emulated(state_with(day_punches(5))) as (_emu2, second),
+    ):
+        # Another process (the web server, a worker) holds the write lock.
+        other = sqlite3.connect(connection.settings_dict["NAME"], uri=True, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE core_device SET name = name")
+        try:
+            results = devices_poll(devices=[first, second])
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert [result.device_name for result in results] == [first.name, second.name]
+        for result in results:
+            assert not result.ok
+            assert "the database was locked by another process" in result.error
+            assert "nothing from this device was stored" in result.error
+        assert not RawAttendance.objects.exists()
+
+        # Once the lock is gone, the next poll stores everything.
+        assert [result.new for result in devices_poll(devices=[first, second])] == [10, 5]
 
 
 def test_poll_devices_command_prints_a_line_per_device(capsys):
