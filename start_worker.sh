@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what is needed and starts a Celery worker (polls, processing, CRM delivery).
+# Installs what is needed and starts a Celery worker. No tasks are defined yet:
+# polls and processing run through manage.py commands and the admin.
 . "$(dirname "$0")/scripts/bootstrap.sh"
 
 python manage.py migrate --noinput
