@@ -280,6 +280,63 @@ EARLY_CLOCK_OUT_MINUTES = envint("EARLY_CLOCK_OUT_MINUTES", 120, minimum=0)
 LATE_CLOCK_OUT_MINUTES = envint("LATE_CLOCK_OUT_MINUTES", 180, minimum=0)
 
 
+# --- Delivery to the CRM (core.crm) --------------------------------------------------
+
+# Where daily records are POSTed (see docs/crm-contract.md); empty turns push
+# off, and the CRM reads the pull feed alone.
+CRM_API_URL = envstr("CRM_API_URL", "").strip()
+if CRM_API_URL and not CRM_API_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(
+        f"CRM_API_URL must start with http:// or https://, got {CRM_API_URL!r}"
+    )
+# The Authorization header's scheme: CRMs differ (Token for Django REST
+# framework's TokenAuthentication, Bearer for OAuth-style tokens).
+CRM_AUTH_SCHEME = envstr("CRM_AUTH_SCHEME", "Token").strip()
+if CRM_AUTH_SCHEME not in ("Token", "Bearer"):
+    raise ImproperlyConfigured(f"CRM_AUTH_SCHEME must be Token or Bearer, got {CRM_AUTH_SCHEME!r}")
+CRM_API_TOKEN = envstr("CRM_API_TOKEN", "")
+# A file holding the token (a mounted secret), read at each run so a rotated
+# token is picked up without a restart.
+CRM_API_TOKEN_FILE = envstr("CRM_API_TOKEN_FILE", "").strip()
+if CRM_API_TOKEN and CRM_API_TOKEN_FILE:
+    raise ImproperlyConfigured("Set CRM_API_TOKEN or CRM_API_TOKEN_FILE, not both.")
+# When set, every request carries X-Signature (HMAC-SHA256) so the CRM can
+# tell the bridge's requests from forgeries.
+CRM_SIGNING_SECRET = envstr("CRM_SIGNING_SECRET", "")
+# Records per request; a CRM that limits request size wants it smaller.
+CRM_BATCH_SIZE = envint("CRM_BATCH_SIZE", 100, minimum=1)
+# A CRM that neither accepts nor answers must not hold a run forever.
+CRM_CONNECT_TIMEOUT_SECONDS = envfloat("CRM_CONNECT_TIMEOUT_SECONDS", 5, minimum=0.1)
+CRM_READ_TIMEOUT_SECONDS = envfloat("CRM_READ_TIMEOUT_SECONDS", 30, minimum=0.1)
+# A company's own certificate authority (a PEM file); TLS is always verified.
+CRM_CA_BUNDLE = envstr("CRM_CA_BUNDLE", "").strip()
+# Some CRMs allow only a few imports a minute; 0 means no pacing.
+CRM_MAX_REQUESTS_PER_MINUTE = envint("CRM_MAX_REQUESTS_PER_MINUTE", 0, minimum=0)
+# Retries of a batch after a transient failure (408, 429, 5xx, timeout,
+# connection error) before its rows become failed.
+CRM_MAX_RETRIES = envint("CRM_MAX_RETRIES", 3, minimum=0)
+# First wait before a retry; each next one doubles, with jitter.
+CRM_RETRY_BACKOFF_SECONDS = envfloat("CRM_RETRY_BACKOFF_SECONDS", 1, minimum=0)
+# Longest wait before one retry, Retry-After included: a CRM asking for more
+# fails the batch now, and the periodic retry tries again.
+CRM_RETRY_MAX_WAIT_SECONDS = envfloat("CRM_RETRY_MAX_WAIT_SECONDS", 60, minimum=0)
+# The name the bridge gives itself in every request (source.bridge).
+CRM_BRIDGE_NAME = envstr("CRM_BRIDGE_NAME", "attendance-bridge")
+# Days before this date are never pushed, so a clock holding years of history
+# does not flood the CRM; empty pushes every day.
+_crm_sync_from = envstr("CRM_SYNC_FROM", "").strip()
+try:
+    CRM_SYNC_FROM = datetime.date.fromisoformat(_crm_sync_from) if _crm_sync_from else None
+except ValueError:
+    raise ImproperlyConfigured(
+        f"CRM_SYNC_FROM must be a date like 2026-01-01, got {_crm_sync_from!r}"
+    ) from None
+# Failed rows become due again this long after their last attempt.
+RETRY_FAILED_SYNCS_HOURS = envint("RETRY_FAILED_SYNCS_HOURS", 6, minimum=1)
+# Delivery log entries older than this are deleted by each sync run.
+DELIVERY_LOG_DAYS = envint("DELIVERY_LOG_DAYS", 30, minimum=1)
+
+
 # --- REST API ------------------------------------------------------------------------
 
 REST_FRAMEWORK = {

@@ -321,6 +321,16 @@ class ProcessedAttendance(models.Model):
     last_sync_attempt = models.DateTimeField(null=True, blank=True)
     last_sync_error = models.TextField(blank=True)
     next_sync_at = models.DateTimeField(null=True, blank=True)
+    # The CRM's own answer to this record when it refused it alone (rejected).
+    crm_status = models.PositiveSmallIntegerField("CRM status", null=True, blank=True)
+    crm_response = models.TextField("CRM response", blank=True, db_default="")
+    # A batch in flight: its idempotency key, the version it carries and how
+    # long the run that claimed it owns it. A run that dies leaves them set;
+    # once the lease is over, the next run sends the same batch under the same
+    # key (core.crm). db_default: processing writes new rows with COPY.
+    delivery_key = models.CharField(max_length=64, blank=True, db_default="")
+    delivery_version = models.PositiveIntegerField(null=True, blank=True)
+    delivery_lease_until = models.DateTimeField(null=True, blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -338,6 +348,17 @@ class ProcessedAttendance(models.Model):
             models.Index(fields=["work_date"], name="processed_work_date"),
             models.Index(fields=["sync_state", "next_sync_at"], name="processed_sync_due"),
             models.Index(fields=["updated_at"], name="processed_updated"),
+            # Partial: only rows in flight carry a key.
+            models.Index(
+                fields=["delivery_key"],
+                name="processed_in_flight",
+                condition=~models.Q(delivery_key=""),
+            ),
+        ]
+        # Sending again is more than viewing a row: each action has its own permission.
+        permissions = [
+            ("resend_processedattendance", "Can resend daily records to the CRM"),
+            ("reset_failed_processedattendance", "Can make failed deliveries due again"),
         ]
 
     def __str__(self) -> str:
@@ -360,3 +381,37 @@ class ProcessingState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} (raw id {self.last_raw_id})"
+
+
+class DeliveryLog(models.Model):
+    """One request to the CRM (a batch, or a single record after a batch was
+    refused): what was sent and what came back. Kept DELIVERY_LOG_DAYS."""
+
+    class Outcome(models.TextChoices):
+        ACKNOWLEDGED = "acknowledged", "Acknowledged"
+        TRANSIENT = "transient", "Transient failure (retried)"
+        REFUSED = "refused", "Refused (4xx)"
+        CREDENTIALS = "credentials", "Credentials refused (401/403)"
+
+    created_at = models.DateTimeField(default=now)
+    destination = models.CharField(max_length=200)
+    idempotency_key = models.CharField(max_length=100)
+    attempt = models.PositiveSmallIntegerField(default=1)
+    records = models.PositiveIntegerField(help_text="Records in the request.")
+    # The first few, for a search by employee day.
+    external_ids = models.TextField("external IDs", blank=True)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=12, choices=Outcome.choices)
+    duration_ms = models.PositiveIntegerField()
+    response_excerpt = models.TextField(blank=True, help_text="The first part of the answer.")
+    error = models.TextField(blank=True)
+
+    class Meta:
+        verbose_name = "CRM delivery log entry"
+        verbose_name_plural = "CRM delivery log"
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["created_at"], name="delivery_log_created")]
+
+    def __str__(self) -> str:
+        status = self.status_code or self.error[:40] or "no answer"
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.records} records: {status}"

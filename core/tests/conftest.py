@@ -1,5 +1,6 @@
 import pytest
 
+from core.fake_crm import FakeCrm
 from core.zk.emulator import DeviceState, ZKEmulator
 
 
@@ -22,3 +23,21 @@ def zk_emulator():
     yield start
     for emulator in running:
         emulator.stop()
+
+
+@pytest.fixture
+def fake_crm():
+    """Starts fake CRMs on free loopback ports; stops them after the test.
+
+    ``fake_crm(**options)`` returns a running FakeCrm (options as its constructor's).
+    """
+    running = []
+
+    def start(**options) -> FakeCrm:
+        crm = FakeCrm(host="127.0.0.1", port=0, **options).start()
+        running.append(crm)
+        return crm
+
+    yield start
+    for crm in running:
+        crm.stop()

@@ -1,0 +1,862 @@
+"""Daily records out: delivery of ProcessedAttendance rows to the CRM.
+
+A row is due when processing (or HR) wrote a new version of it: sync_state
+pending. A run claims up to CRM_BATCH_SIZE due rows under a fresh idempotency
+key, POSTs them outside any database transaction, and then books the answer:
+only rows still at the version that was sent become synced; a row recomputed
+while its batch was in flight stays pending and goes again.
+
+Why this loses nothing and doubles nothing:
+
+- Claiming is one conditional write (SELECT … FOR UPDATE SKIP LOCKED on
+  PostgreSQL, a single UPDATE … WHERE unclaimed on SQLite), so two runs never
+  hold the same row. The claim stores the key, the version and a lease.
+- A run that dies after its POST leaves the claim behind. Once the lease is
+  over, the next run sends that batch again under the same key, without the
+  rows that changed since (a CRM that honours the key would answer the first
+  request's result and skip their new version); those go in a new batch.
+- The CRM upserts by external_id and ignores a version older than the one it
+  holds (docs/crm-contract.md), so sending a row twice is harmless.
+
+Destinations plug in through the small `Destination` interface; the JSON
+contract (`JsonContractDestination`) is the one shipped.
+"""
+
+import datetime
+import email.utils
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+import requests
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from core.models import DeliveryLog, ProcessedAttendance
+
+logger = logging.getLogger(__name__)
+
+State = ProcessedAttendance.SyncState
+Outcome = DeliveryLog.Outcome
+
+# How much of an answer the delivery log and a rejected row keep.
+EXCERPT_CHARS = 500
+# Transient answers: the CRM or the network may do better in a moment.
+TRANSIENT_STATUSES = {408, 425, 429}
+# Rows of one stale batch sent again per run before new work; bounds the loop.
+MAX_STALE_BATCHES_PER_RUN = 100
+
+
+class CrmError(Exception):
+    """Delivery cannot run as configured; the message says what to fix."""
+
+
+class CrmConfigError(CrmError):
+    pass
+
+
+# --- The destination interface ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What came back from one request: a status, or the error that replaced it."""
+
+    status: int | None
+    body: str = ""
+    error: str = ""
+    retry_after: float | None = None
+    duration_ms: int = 0
+
+    @property
+    def excerpt(self) -> str:
+        return self.body[:EXCERPT_CHARS]
+
+    def describe(self) -> str:
+        if self.status is None:
+            return self.error
+        text = f"HTTP {self.status}"
+        return f"{text}: {self.excerpt}" if self.body else text
+
+
+class Destination(Protocol):
+    """Where records go. `send` delivers a list of contract records (see
+    `render_records`) under an idempotency key and returns the answer without
+    raising for network trouble; `check` proves reachability and credentials
+    without changing data; `preview` shows the request `send` would make."""
+
+    label: str
+
+    def send(self, *, records: list[dict], key: str) -> Answer: ...
+
+    def check(self) -> Answer: ...
+
+    def preview(self, *, records: list[dict], key: str) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class JsonContractDestination:
+    """The JSON contract of docs/crm-contract.md over HTTPS, with one pooled Session."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str = "",
+        auth_scheme: str = "Token",
+        signing_secret: str = "",
+        connect_timeout: float = 5,
+        read_timeout: float = 30,
+        ca_bundle: str = "",
+        bridge_name: str = "attendance-bridge",
+    ):
+        self.url = url
+        self.label = url
+        self.token = token
+        self.auth_scheme = auth_scheme
+        self.signing_secret = signing_secret
+        self.timeout = (connect_timeout, read_timeout)
+        self.bridge_name = bridge_name
+        self.session = requests.Session()
+        # TLS is always verified; a company CA replaces the public ones.
+        self.session.verify = ca_bundle or True
+        self.session.headers.update(
+            {"Content-Type": "application/json", "Accept": "application/json"}
+        )
+        if token:
+            self.session.headers["Authorization"] = f"{auth_scheme} {token}"
+
+    @classmethod
+    def from_settings(cls) -> "JsonContractDestination":
+        """Raises CrmConfigError when push is off or a file it names cannot be read."""
+        if not settings.CRM_API_URL:
+            raise CrmConfigError("Push to the CRM is off: CRM_API_URL is not set.")
+        token = settings.CRM_API_TOKEN
+        if settings.CRM_API_TOKEN_FILE:
+            try:
+                token = Path(settings.CRM_API_TOKEN_FILE).read_text().strip()
+            except OSError as exc:
+                raise CrmConfigError(
+                    f"Cannot read CRM_API_TOKEN_FILE {settings.CRM_API_TOKEN_FILE}: "
+                    f"{exc.strerror or exc}."
+                ) from exc
+            if not token:
+                raise CrmConfigError(f"CRM_API_TOKEN_FILE {settings.CRM_API_TOKEN_FILE} is empty.")
+        if settings.CRM_CA_BUNDLE and not Path(settings.CRM_CA_BUNDLE).is_file():
+            raise CrmConfigError(f"CRM_CA_BUNDLE {settings.CRM_CA_BUNDLE} is not a file.")
+        return cls(
+            url=settings.CRM_API_URL,
+            token=token,
+            auth_scheme=settings.CRM_AUTH_SCHEME,
+            signing_secret=settings.CRM_SIGNING_SECRET,
+            connect_timeout=settings.CRM_CONNECT_TIMEOUT_SECONDS,
+            read_timeout=settings.CRM_READ_TIMEOUT_SECONDS,
+            ca_bundle=settings.CRM_CA_BUNDLE,
+            bridge_name=settings.CRM_BRIDGE_NAME,
+        )
+
+    def body(self, records: list[dict]) -> bytes:
+        source = {"bridge": self.bridge_name, "sent_at": timezone.now().isoformat()}
+        return json.dumps(
+            {"source": source, "records": records}, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+
+    def headers(self, *, body: bytes, key: str) -> dict[str, str]:
+        headers = {"Idempotency-Key": key}
+        if self.signing_secret:
+            stamp = str(int(time.time()))
+            headers["X-Signature-Timestamp"] = stamp
+            headers["X-Signature"] = "sha256=" + sign(
+                secret=self.signing_secret, timestamp=stamp, body=body
+            )
+        return headers
+
+    def send(self, *, records: list[dict], key: str) -> Answer:
+        return self._post(self.body(records), key)
+
+    def check(self) -> Answer:
+        # An empty batch: the contract says it changes nothing and answers 2xx
+        # when the credentials are good.
+        return self._post(self.body([]), f"check-{uuid.uuid4().hex}")
+
+    def preview(self, *, records: list[dict], key: str) -> str:
+        body = self.body(records)
+        headers = {**self.session.headers, **self.headers(body=body, key=key)}
+        if "Authorization" in headers:
+            headers["Authorization"] = f"{self.auth_scheme} ****"
+        lines = [f"POST {self.url}"] + [f"{name}: {value}" for name, value in headers.items()]
+        return "\n".join(lines) + "\n\n" + json.dumps(json.loads(body), indent=2)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _post(self, body: bytes, key: str) -> Answer:
+        started = time.monotonic()
+        try:
+            response = self.session.post(
+                self.url,
+                data=body,
+                headers=self.headers(body=body, key=key),
+                timeout=self.timeout,
+                allow_redirects=False,
+            )
+        except requests.Timeout as exc:
+            return Answer(None, error=f"No answer in time: {exc}", duration_ms=_ms(started))
+        except requests.ConnectionError as exc:
+            return Answer(None, error=f"Connection failed: {exc}", duration_ms=_ms(started))
+        except requests.RequestException as exc:
+            return Answer(None, error=f"Request failed: {exc}", duration_ms=_ms(started))
+        return Answer(
+            response.status_code,
+            body=response.text[: EXCERPT_CHARS * 4],
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            duration_ms=_ms(started),
+        )
+
+
+def sign(*, secret: str, timestamp: str, body: bytes) -> str:
+    """Hex HMAC-SHA256 of timestamp + "." + body: the contract's X-Signature."""
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return max(0.0, (moment - timezone.now()).total_seconds())
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+# --- Records as the contract writes them ------------------------------------------------
+
+_RECORD_FIELDS = (
+    "pk",
+    "user_id",
+    "work_date",
+    "version",
+    "clock_in",
+    "clock_out",
+    "punch_count",
+    "worked",
+    "is_outlier",
+    "outlier_reasons",
+    "is_manual",
+    "employee__name",
+    "clock_in_device__name",
+    "clock_in_device__timezone",
+    "clock_out_device__name",
+    "clock_out_device__timezone",
+)
+
+
+def render_records(rows: Iterable[dict]) -> list[dict]:
+    """Contract records from `_RECORD_FIELDS` values; each time in its own device's zone."""
+    zones: dict[str, ZoneInfo] = {}
+
+    def zone(name: str | None) -> ZoneInfo:
+        name = name or settings.DEVICE_DEFAULT_TIMEZONE
+        if name not in zones:
+            zones[name] = ZoneInfo(name)
+        return zones[name]
+
+    records = []
+    for row in rows:
+        in_zone = zone(row["clock_in_device__timezone"])
+        out_zone = (
+            zone(row["clock_out_device__timezone"])
+            if row["clock_out_device__timezone"]
+            else in_zone
+        )
+        worked = row["worked"]
+        records.append(
+            {
+                "external_id": f"{row['user_id']}:{row['work_date'].isoformat()}",
+                "version": row["version"],
+                "user_id": row["user_id"],
+                "employee_name": row["employee__name"] or "",
+                "work_date": row["work_date"].isoformat(),
+                "clock_in": row["clock_in"].astimezone(in_zone).isoformat()
+                if row["clock_in"]
+                else None,
+                "clock_out": row["clock_out"].astimezone(out_zone).isoformat()
+                if row["clock_out"]
+                else None,
+                "clock_in_device": row["clock_in_device__name"],
+                "clock_out_device": row["clock_out_device__name"],
+                "punch_count": row["punch_count"],
+                "worked_minutes": None if worked is None else int(worked.total_seconds() // 60),
+                "is_outlier": row["is_outlier"],
+                "outlier_reasons": [reason["code"] for reason in row["outlier_reasons"] or []],
+                "is_manual": row["is_manual"],
+            }
+        )
+    return records
+
+
+# --- Results -----------------------------------------------------------------------------
+
+
+@dataclass
+class SyncResult:
+    sent: int = 0
+    failed: int = 0
+    rejected: int = 0
+    # Rows acknowledged at a version that was replaced while in flight: due again.
+    superseded: int = 0
+    batches: int = 0
+    requests: int = 0
+    # Batches a dead run left in flight, sent again under their own key.
+    replayed_batches: int = 0
+    seconds: float = 0.0
+    # Why the run ended before its work did; empty when it did not.
+    stopped: str = ""
+    # True when the CRM refused the credentials (401/403): nothing can go.
+    credentials_refused: bool = False
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"sent {self.sent}, failed {self.failed}, rejected {self.rejected} "
+            f"in {self.batches} batches, {self.requests} requests, {self.seconds:.2f} s"
+        ]
+        if self.superseded:
+            lines.append(f"{self.superseded} changed while in flight and will be sent again")
+        if self.replayed_batches:
+            lines.append(
+                f"{self.replayed_batches} batches left in flight by an earlier run sent again"
+            )
+        if self.stopped:
+            lines.append(f"stopped: {self.stopped}")
+        return lines
+
+
+@dataclass
+class _Config:
+    batch_size: int
+    max_retries: int
+    backoff: float
+    max_wait: float
+    lease: datetime.timedelta
+    retry_failed_after: datetime.timedelta
+    sync_from: datetime.date | None
+    sleep: Callable[[float], None]
+    pacer: "_Pacer"
+    rng: random.Random = field(default_factory=random.Random)
+
+    @classmethod
+    def load(cls, *, sleep: Callable[[float], None], batch_size: int | None) -> "_Config":
+        max_retries = settings.CRM_MAX_RETRIES
+        max_wait = settings.CRM_RETRY_MAX_WAIT_SECONDS
+        per_request = settings.CRM_CONNECT_TIMEOUT_SECONDS + settings.CRM_READ_TIMEOUT_SECONDS
+        pacing = (
+            60 / settings.CRM_MAX_REQUESTS_PER_MINUTE if settings.CRM_MAX_REQUESTS_PER_MINUTE else 0
+        )
+        # Long enough for a batch's every attempt and wait, and its fallback to
+        # single records is re-leased per record, so a live run never loses it.
+        lease = (max_retries + 1) * (per_request + pacing) + max_retries * max_wait + 60
+        return cls(
+            batch_size=batch_size or settings.CRM_BATCH_SIZE,
+            max_retries=max_retries,
+            backoff=settings.CRM_RETRY_BACKOFF_SECONDS,
+            max_wait=max_wait,
+            lease=datetime.timedelta(seconds=lease),
+            retry_failed_after=datetime.timedelta(hours=settings.RETRY_FAILED_SYNCS_HOURS),
+            sync_from=settings.CRM_SYNC_FROM,
+            sleep=sleep,
+            pacer=_Pacer(settings.CRM_MAX_REQUESTS_PER_MINUTE, sleep),
+        )
+
+
+class _Pacer:
+    """At most `per_minute` request starts a minute from this run (0: no limit)."""
+
+    def __init__(self, per_minute: int, sleep: Callable[[float], None]):
+        self.interval = 60 / per_minute if per_minute else 0.0
+        self.sleep = sleep
+        self.next_start = 0.0
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        now = time.monotonic()
+        if now < self.next_start:
+            self.sleep(self.next_start - now)
+            now = self.next_start
+        self.next_start = now + self.interval
+
+
+# --- Claiming ----------------------------------------------------------------------------
+
+
+def _due(*, now: datetime.datetime, sync_from: datetime.date | None):
+    rows = ProcessedAttendance.objects.filter(
+        Q(next_sync_at__isnull=True) | Q(next_sync_at__lte=now),
+        sync_state=State.PENDING,
+        delivery_key="",
+    )
+    if sync_from is not None:
+        rows = rows.filter(work_date__gte=sync_from)
+    return rows
+
+
+def _claim(*, limit: int, config: _Config) -> str | None:
+    """Claims up to `limit` due rows under a new key; None when none is due."""
+    now = timezone.now()
+    key = uuid.uuid4().hex
+    due = _due(now=now, sync_from=config.sync_from).order_by("pk")
+    claim = {
+        "delivery_key": key,
+        "delivery_version": F("version"),
+        "delivery_lease_until": now + config.lease,
+        # Also tells processing the CRM may have seen the row: it then empties
+        # a vanished day instead of deleting it.
+        "last_sync_attempt": now,
+    }
+    if connection.features.has_select_for_update_skip_locked:
+        with transaction.atomic():
+            ids = list(due.select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
+            if not ids:
+                return None
+            claimed = ProcessedAttendance.objects.filter(pk__in=ids).update(**claim)
+    else:
+        # SQLite: one UPDATE whose WHERE re-checks that the rows are unclaimed;
+        # SQLite runs one writer at a time, so no other run can claim between.
+        claimed = ProcessedAttendance.objects.filter(
+            pk__in=due.values("pk")[:limit], delivery_key=""
+        ).update(**claim)
+    return key if claimed else None
+
+
+def _reclaim_stale(*, config: _Config) -> str | None:
+    """Takes over a batch whose run died (lease over) and keeps its key.
+
+    Rows changed since that batch was claimed are released to go in a new
+    batch: under the old key, a CRM would answer the first request's result.
+    """
+    now = timezone.now()
+    stale = ProcessedAttendance.objects.exclude(delivery_key="").filter(
+        delivery_lease_until__lt=now
+    )
+    for key in stale.values_list("delivery_key", flat=True).distinct()[:5]:
+        # Conditional on the lease still being over: of two runs, one wins.
+        taken = ProcessedAttendance.objects.filter(
+            delivery_key=key, delivery_lease_until__lt=now
+        ).update(delivery_lease_until=now + config.lease)
+        if not taken:
+            continue
+        _release(
+            ProcessedAttendance.objects.filter(delivery_key=key).exclude(
+                version=F("delivery_version")
+            )
+        )
+        if ProcessedAttendance.objects.filter(delivery_key=key).exists():
+            return key
+    return None
+
+
+def _release(rows) -> int:
+    return rows.update(delivery_key="", delivery_version=None, delivery_lease_until=None)
+
+
+def _claimed(key: str) -> list[dict]:
+    rows = (
+        ProcessedAttendance.objects.filter(delivery_key=key).order_by("pk").values(*_RECORD_FIELDS)
+    )
+    return list(rows)
+
+
+# --- Sending -----------------------------------------------------------------------------
+
+
+def _classify(answer: Answer) -> str:
+    status = answer.status
+    if status is None or status in TRANSIENT_STATUSES or status >= 500:
+        return Outcome.TRANSIENT
+    if 200 <= status < 300:
+        return Outcome.ACKNOWLEDGED
+    if status in (401, 403):
+        return Outcome.CREDENTIALS
+    return Outcome.REFUSED
+
+
+def _request(
+    destination: Destination,
+    *,
+    records: list[dict],
+    key: str,
+    config: _Config,
+    result: SyncResult,
+) -> tuple[str, Answer, int, str]:
+    """Sends one request, retrying transient failures with backoff and jitter.
+
+    Returns (outcome, last answer, attempts, why it gave up on a transient failure).
+    """
+    for attempt in range(1, config.max_retries + 2):
+        if connection.in_atomic_block:
+            raise RuntimeError("A CRM request inside a database transaction would hold locks.")
+        config.pacer.wait()
+        answer = destination.send(records=records, key=key)
+        result.requests += 1
+        outcome = _classify(answer)
+        DeliveryLog.objects.create(
+            destination=destination.label[:200],
+            idempotency_key=key,
+            attempt=attempt,
+            records=len(records),
+            external_ids=" ".join(r["external_id"] for r in records[:5]),
+            status_code=answer.status,
+            outcome=outcome,
+            duration_ms=answer.duration_ms,
+            response_excerpt=answer.excerpt,
+            error=answer.error,
+        )
+        if outcome != Outcome.TRANSIENT:
+            return outcome, answer, attempt, ""
+        if attempt > config.max_retries:
+            return outcome, answer, attempt, f"{attempt} attempts"
+        wait = min(config.max_wait, config.backoff * 2 ** (attempt - 1))
+        wait *= config.rng.uniform(0.5, 1.0)
+        if answer.retry_after is not None:
+            if answer.retry_after > config.max_wait:
+                return (
+                    outcome,
+                    answer,
+                    attempt,
+                    f"the CRM asked to wait {answer.retry_after:g} s, more than "
+                    f"CRM_RETRY_MAX_WAIT_SECONDS ({config.max_wait:g})",
+                )
+            wait = max(wait, answer.retry_after)
+        config.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _book(
+    rows,
+    *,
+    state: str | None,
+    answer: Answer,
+    attempts: int,
+    error: str = "",
+    next_sync_at: datetime.datetime | None = None,
+) -> tuple[int, int]:
+    """Books an answer on claimed rows; returns (rows booked, rows changed in flight).
+
+    Only rows still at the version that was sent take the new state; the rest
+    are released as they are (pending: processing made them due again).
+    """
+    values = {
+        "sync_attempts": F("sync_attempts") + attempts,
+        "last_sync_error": error,
+        "crm_status": answer.status,
+        "crm_response": answer.excerpt,
+        "next_sync_at": next_sync_at,
+        "delivery_key": "",
+        "delivery_version": None,
+        "delivery_lease_until": None,
+    }
+    if state == State.SYNCED:
+        values["synced_version"] = F("delivery_version")
+    booked = rows.filter(version=F("delivery_version")).update(sync_state=state, **values)
+    # Changed in flight: the version sent is what the CRM holds, if it holds anything.
+    moved = {"delivery_key": "", "delivery_version": None, "delivery_lease_until": None}
+    if state == State.SYNCED:
+        moved["synced_version"] = F("delivery_version")
+    changed = rows.update(**moved)
+    return booked, changed
+
+
+def _deliver(
+    destination: Destination, *, key: str, config: _Config, result: SyncResult
+) -> list[dict]:
+    """Sends the rows claimed under `key` and books the answer; returns the records sent."""
+    rows = _claimed(key)
+    records = render_records(rows)
+    if not records:
+        return records
+    claimed = ProcessedAttendance.objects.filter(delivery_key=key)
+    outcome, answer, attempts, why = _request(
+        destination, records=records, key=key, config=config, result=result
+    )
+    result.batches += 1
+    if outcome == Outcome.ACKNOWLEDGED:
+        booked, changed = _book(claimed, state=State.SYNCED, answer=answer, attempts=attempts)
+        result.sent += booked
+        result.superseded += changed
+    elif outcome == Outcome.TRANSIENT:
+        _fail(claimed, answer=answer, attempts=attempts, why=why, config=config, result=result)
+    elif outcome == Outcome.CREDENTIALS:
+        _stop_for_credentials(claimed, answer=answer, result=result)
+    elif 300 <= (answer.status or 0) < 400:
+        _release(claimed)
+        result.stopped = (
+            f"the CRM answered HTTP {answer.status} (a redirect); set CRM_API_URL to the "
+            "address it names. Nothing was changed."
+        )
+    else:
+        _one_by_one(destination, key=key, rows=rows, records=records, config=config, result=result)
+    return records
+
+
+def _fail(rows, *, answer: Answer, attempts: int, why: str, config: _Config, result: SyncResult):
+    wait = max(config.retry_failed_after.total_seconds(), answer.retry_after or 0)
+    error = f"{answer.describe()} (gave up after {why})"
+    booked, changed = _book(
+        rows,
+        state=State.FAILED,
+        answer=answer,
+        attempts=attempts,
+        error=error,
+        next_sync_at=timezone.now() + datetime.timedelta(seconds=wait),
+    )
+    result.failed += booked
+    result.superseded += changed
+    # The next batches would meet the same outage; they stay pending.
+    result.stopped = f"the CRM is unavailable: {error}"
+
+
+def _stop_for_credentials(rows, *, answer: Answer, result: SyncResult) -> None:
+    _release(rows)
+    result.credentials_refused = True
+    result.stopped = (
+        f"the CRM refused the credentials (HTTP {answer.status}): check CRM_API_TOKEN "
+        "(or CRM_API_TOKEN_FILE), CRM_AUTH_SCHEME and CRM_SIGNING_SECRET. No row was changed."
+    )
+
+
+def _one_by_one(
+    destination: Destination,
+    *,
+    key: str,
+    rows: list[dict],
+    records: list[dict],
+    config: _Config,
+    result: SyncResult,
+) -> None:
+    """A refused batch, record by record, so one bad record holds back no other."""
+    for position, (row, record) in enumerate(zip(rows, records, strict=True)):
+        single = ProcessedAttendance.objects.filter(pk=row["pk"], delivery_key=key)
+        # Derived from the batch key: a run that dies here resends each under the same.
+        single_key = f"{key}.{record['external_id']}"
+        single.update(delivery_lease_until=timezone.now() + config.lease)
+        outcome, answer, attempts, why = _request(
+            destination, records=[record], key=single_key, config=config, result=result
+        )
+        # The batch attempt counts too.
+        attempts += 1
+        if outcome == Outcome.ACKNOWLEDGED:
+            booked, changed = _book(single, state=State.SYNCED, answer=answer, attempts=attempts)
+            result.sent += booked
+            result.superseded += changed
+            continue
+        if outcome == Outcome.REFUSED:
+            booked, changed = _book(
+                single,
+                state=State.REJECTED,
+                answer=answer,
+                attempts=attempts,
+                error=f"The CRM refused this record: {answer.describe()}",
+            )
+            result.rejected += booked
+            result.superseded += changed
+            continue
+        rest = ProcessedAttendance.objects.filter(
+            pk__in=[r["pk"] for r in rows[position + 1 :]], delivery_key=key
+        )
+        if outcome == Outcome.TRANSIENT:
+            _fail(single, answer=answer, attempts=attempts, why=why, config=config, result=result)
+            _release(rest)
+        else:
+            _stop_for_credentials(single, answer=answer, result=result)
+            _release(rest)
+        return
+
+
+# --- Stage functions ---------------------------------------------------------------------
+
+
+def crm_sync(
+    *,
+    limit: int | None = None,
+    destination: Destination | None = None,
+    batch_size: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> SyncResult:
+    """Pushes due daily records to the CRM: pending rows, and failed rows whose
+    retry time has come. At most `limit` rows (default: those due at the start).
+
+    Idempotent: a row is booked as delivered only for the version sent, under a
+    claim no other run can take, and a batch a dead run left behind goes again
+    under its own idempotency key. Stops early, with `stopped` saying why, when
+    the CRM is unavailable after retries or refuses the credentials (then no
+    row changes). Raises CrmConfigError when push is off or misconfigured.
+    """
+    started = time.monotonic()
+    own_destination = destination is None
+    destination = destination or JsonContractDestination.from_settings()
+    config = _Config.load(sleep=sleep, batch_size=batch_size)
+    result = SyncResult()
+    try:
+        _prune_log()
+        crm_retry_failed()
+        budget = limit
+        if budget is None:
+            now = timezone.now()
+            budget = _due(now=now, sync_from=config.sync_from).count() + (
+                ProcessedAttendance.objects.exclude(delivery_key="").count()
+            )
+        stale_batches = 0
+        # A row changed while in flight is due again and goes again in this
+        # run, outside the budget; this bounds the run should changes never stop.
+        batches_left = 2 * (budget // config.batch_size + 1) + MAX_STALE_BATCHES_PER_RUN
+        while budget > 0 and batches_left > 0 and not result.stopped:
+            batches_left -= 1
+            key = None
+            if stale_batches < MAX_STALE_BATCHES_PER_RUN:
+                key = _reclaim_stale(config=config)
+                if key:
+                    stale_batches += 1
+                    result.replayed_batches += 1
+            key = key or _claim(limit=min(config.batch_size, budget), config=config)
+            if key is None:
+                break
+            superseded = result.superseded
+            sent = _deliver(destination, key=key, config=config, result=result)
+            budget -= max(1, len(sent) - (result.superseded - superseded))
+    finally:
+        if own_destination:
+            destination.close()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def crm_preview(*, destination: Destination | None = None) -> str:
+    """The first request crm_sync would send now, changing nothing; "" when nothing is due.
+
+    Raises CrmConfigError when push is off or misconfigured.
+    """
+    own_destination = destination is None
+    destination = destination or JsonContractDestination.from_settings()
+    try:
+        due = _due(now=timezone.now(), sync_from=settings.CRM_SYNC_FROM).order_by("pk")
+        rows = list(due.values(*_RECORD_FIELDS)[: settings.CRM_BATCH_SIZE])
+        if not rows:
+            return ""
+        return destination.preview(records=render_records(rows), key="<a new key per batch>")
+    finally:
+        if own_destination:
+            destination.close()
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    message: str
+    answer: Answer
+
+
+def crm_check(*, destination: Destination | None = None) -> CheckResult:
+    """Checks that the CRM answers and takes the credentials, changing no CRM data
+    (an empty batch). Safe to repeat. Raises CrmConfigError when push is off."""
+    own_destination = destination is None
+    destination = destination or JsonContractDestination.from_settings()
+    try:
+        answer = destination.check()
+    finally:
+        if own_destination:
+            destination.close()
+    outcome = _classify(answer)
+    where = destination.label
+    if outcome == Outcome.ACKNOWLEDGED:
+        return CheckResult(
+            True,
+            f"{where}: reachable, credentials accepted ({answer.describe()}, {answer.duration_ms} ms)",
+            answer,
+        )
+    if outcome == Outcome.CREDENTIALS:
+        message = f"{where}: the CRM refused the credentials ({answer.describe()}); check CRM_API_TOKEN, CRM_AUTH_SCHEME and CRM_SIGNING_SECRET"
+    elif answer.status is None:
+        message = f"{where}: unreachable ({answer.error})"
+    else:
+        message = f"{where}: unexpected answer to an empty batch ({answer.describe()})"
+    return CheckResult(False, message, answer)
+
+
+@dataclass
+class DeliveryStats:
+    by_state: dict[str, int]
+    in_flight: int
+    oldest_undelivered: dict | None
+
+
+def crm_stats() -> DeliveryStats:
+    """Rows by delivery state and the undelivered row waiting longest. Reads only."""
+    counts = dict(
+        ProcessedAttendance.objects.order_by().values_list("sync_state").annotate(n=Count("pk"))
+    )
+    by_state = {state.value: counts.get(state.value, 0) for state in State}
+    undelivered = ProcessedAttendance.objects.filter(sync_state__in=[State.PENDING, State.FAILED])
+    oldest = (
+        undelivered.order_by("updated_at", "pk")
+        .values("user_id", "work_date", "sync_state", "updated_at", "last_sync_error")
+        .first()
+    )
+    return DeliveryStats(
+        by_state=by_state,
+        in_flight=ProcessedAttendance.objects.exclude(delivery_key="").count(),
+        oldest_undelivered=oldest,
+    )
+
+
+def crm_retry_failed() -> int:
+    """Makes failed rows whose retry time (RETRY_FAILED_SYNCS_HOURS after their
+    last attempt, or the CRM's Retry-After) has come due again; returns how many.
+    Idempotent; raises nothing."""
+    return ProcessedAttendance.objects.filter(
+        sync_state=State.FAILED, next_sync_at__lte=timezone.now()
+    ).update(sync_state=State.PENDING, next_sync_at=None)
+
+
+def crm_reset_failed(*, ids: Iterable[int]) -> int:
+    """Makes these failed rows due now (the admin's Reset failed); returns how many.
+    Idempotent; raises nothing."""
+    return ProcessedAttendance.objects.filter(pk__in=list(ids), sync_state=State.FAILED).update(
+        sync_state=State.PENDING, next_sync_at=None, sync_attempts=0
+    )
+
+
+def crm_resend(*, ids: Iterable[int]) -> int:
+    """Makes these rows due again whatever their state (the admin's Resend);
+    returns how many. The CRM ignores a version it holds, so a resend is safe.
+    Idempotent; raises nothing."""
+    return ProcessedAttendance.objects.filter(pk__in=list(ids)).update(
+        sync_state=State.PENDING, next_sync_at=None, sync_attempts=0
+    )
+
+
+def _prune_log() -> int:
+    cutoff = timezone.now() - datetime.timedelta(days=settings.DELIVERY_LOG_DAYS)
+    deleted, _ = DeliveryLog.objects.filter(created_at__lt=cutoff).delete()
+    return deleted

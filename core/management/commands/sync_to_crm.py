@@ -1,0 +1,41 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from core.crm import CrmError, crm_preview, crm_sync
+
+
+def positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+class Command(BaseCommand):
+    help = (
+        "Sends the daily records the CRM does not hold at their latest version "
+        "(see docs/crm-contract.md)."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--limit", type=positive, metavar="N", help="Send at most N records this run."
+        )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Print the first request it would send; send nothing, change nothing.",
+        )
+
+    def handle(self, *args, limit=None, dry_run=False, **options):
+        try:
+            if dry_run:
+                request = crm_preview()
+                self.stdout.write(request or "Nothing is due: no request would be sent.")
+                return
+            result = crm_sync(limit=limit)
+        except CrmError as exc:
+            raise CommandError(str(exc)) from exc
+        for line in result.lines():
+            self.stdout.write(line)
+        if result.stopped:
+            raise CommandError(f"Delivery stopped: {result.stopped}")
