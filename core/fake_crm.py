@@ -41,8 +41,8 @@ class FakeCrmStats:
     # A version the CRM already held, or an older one: ignored, as the contract says.
     records_ignored: int = 0
     # A version it already held, arriving under another idempotency key:
-    # delivered twice (harmless by the contract's rule, but counted).
-    records_doubled: int = 0
+    # delivered again (ignored by the contract's rule, but counted).
+    records_redelivered: int = 0
     replays: int = 0
     injected_500: int = 0
     injected_429: int = 0
@@ -69,6 +69,9 @@ class FakeCrmState:
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle's algorithm the
+    # body would wait for the client's delayed ACK (40 ms a request).
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         logger.debug("fake CRM: " + format, *args)
@@ -340,7 +343,7 @@ class FakeCrm:
                     if held["version"] == record["version"] and state.keys.get(
                         (record["external_id"], record["version"])
                     ) not in (None, key):
-                        state.stats.records_doubled += 1
+                        state.stats.records_redelivered += 1
                     continue
                 state.records[record["external_id"]] = record
                 state.keys[(record["external_id"], record["version"])] = key

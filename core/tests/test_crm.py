@@ -121,7 +121,7 @@ def test_every_pending_row_reaches_the_crm_once_and_becomes_synced(crm):
     assert ProcessedAttendance.objects.exclude(delivery_key="").count() == 0
     assert len(crm.held()) == 45
     stats = crm.state.stats
-    assert (stats.records_received, stats.records_applied, stats.records_doubled) == (45, 45, 0)
+    assert (stats.records_received, stats.records_applied, stats.records_redelivered) == (45, 45, 0)
     # Nothing is due any more: a second run sends nothing.
     again = crm_sync()
     assert (again.sent, again.requests) == (0, 0)
@@ -181,7 +181,7 @@ def test_requests_carry_the_token_an_idempotency_key_and_the_envelope(fake_crm, 
     )
     ((headers, body),) = seen
     assert headers["Authorization"] == "Bearer t0k"
-    assert len(headers["Idempotency-Key"]) == 32
+    assert len(headers["Idempotency-Key"]) == 64
     assert body["source"]["bridge"] == "plant-7"
     assert datetime.datetime.fromisoformat(body["source"]["sent_at"]).tzinfo is not None
     assert len(body["records"]) == 3
@@ -297,7 +297,7 @@ def test_a_dropped_connection_after_storing_is_resent_and_stored_once(crm):
     assert (result.sent, result.requests) == (10, 2)
     assert "Connection failed" in DeliveryLog.objects.order_by("pk").first().error
     stats = crm.state.stats
-    assert (stats.replays, stats.records_applied, stats.records_doubled) == (1, 10, 0)
+    assert (stats.replays, stats.records_applied, stats.records_redelivered) == (1, 10, 0)
     (key,) = set(crm.keys_seen())
     assert crm.keys_seen() == [key, key]
 
@@ -349,6 +349,30 @@ def test_retries_run_out_then_rows_fail_with_the_error_and_come_back_later(crm, 
     with time_machine.travel(failed.next_sync_at + datetime.timedelta(seconds=1), tick=True):
         assert crm_sync().sent == 20
     assert states() == {"synced": 30}
+
+
+def test_a_failed_batch_sent_again_later_goes_under_its_first_key(crm, settings):
+    settings.CRM_MAX_RETRIES = 1
+    ids = make_days(6)
+    # Stored, but both answers lost: the rows fail, yet the CRM holds them.
+    crm.script.extend(["drop-after", "drop-after"])
+    assert crm_sync().failed == 6
+    assert crm_reset_failed(ids=ids) == 6
+    assert crm_sync().sent == 6
+    (key,) = set(crm.keys_seen())
+    assert crm.keys_seen() == [key, key, key]
+    stats = crm.state.stats
+    assert (stats.records_applied, stats.replays, stats.records_redelivered) == (6, 2, 0)
+
+
+def test_a_row_recomputed_between_claim_and_read_waits_for_a_later_batch(crm):
+    from core.crm import _claim, _claimed, _Config
+
+    ids = make_days(3)
+    key, _rows, _records = _claim(limit=10, config=_Config.load(sleep=time.sleep, batch_size=None))
+    ProcessedAttendance.objects.filter(pk=ids[1]).update(version=F("version") + 1)
+    assert [row["pk"] for row in _claimed(key)] == [ids[0], ids[2]]
+    assert ProcessedAttendance.objects.get(pk=ids[1]).delivery_key == ""
 
 
 def test_reset_failed_makes_failed_rows_due_now(crm, settings):
@@ -404,11 +428,10 @@ def test_a_refused_batch_goes_one_by_one_and_only_the_bad_record_is_rejected(crm
     assert "refused this record" in rejected.last_sync_error
     assert "1003:2026-11-02" not in crm.held() and len(crm.held()) == 9
     assert DeliveryLog.objects.filter(status_code=400, records=10).count() == 1
-    # Each single under a key of its own, derived from the batch's.
-    batch_key = DeliveryLog.objects.get(status_code=400).idempotency_key
+    # Each single under a key of its own: the key of its content.
     singles = DeliveryLog.objects.filter(records=1)
     assert singles.count() == 10
-    assert all(log.idempotency_key.startswith(batch_key + ".") for log in singles)
+    assert len({log.idempotency_key for log in singles}) == 10
 
     # Not retried until it changes...
     assert crm_sync().requests == 0
@@ -452,9 +475,13 @@ def test_a_claim_takes_only_unclaimed_due_rows(crm):
 
     make_days(30)
     config = _Config.load(sleep=time.sleep, batch_size=None)
-    first, second = _claim(limit=20, config=config), _claim(limit=20, config=config)
+    (first, first_rows, _), (second, second_rows, _) = (
+        _claim(limit=20, config=config),
+        _claim(limit=20, config=config),
+    )
     counts = [ProcessedAttendance.objects.filter(delivery_key=k).count() for k in (first, second)]
-    assert counts == [20, 10]
+    assert counts == [20, 10] and (len(first_rows), len(second_rows)) == (20, 10)
+    assert not {r["pk"] for r in first_rows} & {r["pk"] for r in second_rows}
     assert _claim(limit=20, config=config) is None
     row = ProcessedAttendance.objects.get(pk=ProcessedAttendance.objects.order_by("pk")[0].pk)
     assert (row.delivery_version, row.sync_state) == (row.version, State.PENDING)
@@ -516,7 +543,7 @@ def test_a_crash_after_the_post_resends_the_batch_under_the_same_key(crm):
     assert result.replayed_batches == 1 and result.sent == 8
     seen = crm.keys_seen()
     assert seen[:2] == [key, key] and len(seen) == 3 and seen[2] != key
-    assert crm.state.stats.replays == 1 and crm.state.stats.records_doubled == 0
+    assert crm.state.stats.replays == 1 and crm.state.stats.records_redelivered == 0
     assert states() == {"synced": 8}
     changed = ProcessedAttendance.objects.get(pk=ids[0])
     assert held_versions(crm)[f"{changed.user_id}:{changed.work_date}"] == 2
