@@ -523,3 +523,55 @@ def device_test(*, device: Device) -> DeviceReport:
     report.clock_drift_seconds = clock_drift(device_now, zone=device.zone, now=timezone.now())
     report.ok = True
     return report
+
+
+# --- Operator verdicts -----------------------------------------------------------------
+
+
+def punches_judge(*, ids: Iterable[int], suspect: bool, reason: str, user) -> int:
+    """Sets an operator's verdict on punches: suspect (skipped by processing) or not.
+
+    The verdict goes into suspect_override, which later downloads never
+    overwrite, and into is_suspect, which processing reads; suspect_reason
+    records who and why. One set-based UPDATE; `ids` may be a queryset of
+    primary keys, used as a subquery. Idempotent: only punches whose verdict
+    changes, or that had no operator verdict yet, are written, so judging the
+    same punches the same way again writes nothing; revised_at is stamped only
+    where is_suspect flips, which is what makes processing recompute the day.
+    Returns how many punches were written.
+
+    Raises ValueError when the reason is blank or too long to record.
+    """
+    # Local: the module's import block is being reworked separately.
+    from django.db.models import Case, Q, QuerySet, Value, When
+
+    reason = " ".join(reason.split())
+    if not reason:
+        raise ValueError("Give a reason: it is recorded with the verdict.")
+    verb = "marked suspect" if suspect else "cleared"
+    prefix = f"{verb} by {user.get_username()}: "
+    limit = RawAttendance._meta.get_field("suspect_reason").max_length
+    if len(prefix) + len(reason) > limit:
+        raise ValueError(
+            f"The reason is {len(reason)} characters long; at most "
+            f"{max(limit - len(prefix), 0)} fit beside {prefix.strip()!r}."
+        )
+    if not isinstance(ids, QuerySet):
+        ids = list(ids)
+    now = timezone.now()
+    changes = (
+        Q(suspect_override__isnull=True) | ~Q(suspect_override=suspect) | ~Q(is_suspect=suspect)
+    )
+    # SET expressions read the row as it was, so the Case sees the old is_suspect.
+    return (
+        RawAttendance.objects.filter(pk__in=ids)
+        .filter(changes)
+        .update(
+            revised_at=Case(When(~Q(is_suspect=suspect), then=Value(now)), default=F("revised_at")),
+            is_suspect=suspect,
+            suspect_override=suspect,
+            suspect_reason=prefix + reason,
+            suspect_override_by=user.get_username(),
+            suspect_override_at=now,
+        )
+    )
