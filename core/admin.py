@@ -11,7 +11,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from core.ingest import device_sync_time, device_test, devices_poll, punches_judge
+from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
 from core.models import Device, Employee, ProcessedAttendance, RawAttendance
 from core.processing import (
     attendance_discard_edits,
@@ -126,7 +126,7 @@ class DeviceAdmin(admin.ModelAdmin):
                     ("ip_address", "port", "protocol"),
                     "comm_key",
                     "timeout_seconds",
-                    "timezone",
+                    ("timezone", "encoding"),
                     "enabled",
                 ]
             },
@@ -213,9 +213,17 @@ class DeviceAdmin(admin.ModelAdmin):
 
     @admin.display(description="clock drift")
     def clock_drift(self, device):
-        if device.clock_drift_seconds is None:
+        drift = device.clock_drift_seconds
+        if drift is None:
             return "—"
-        return f"{device.clock_drift_seconds:+.0f} s"
+        if abs(drift) > settings.CLOCK_DRIFT_ALERT_SECONDS:
+            # Its punches are still judged by the server's time; the clock
+            # itself needs setting before people see the wrong time on it.
+            return format_html(
+                '<span style="color:#ba2121" title="Sync clock sets it">clock {}</span>',
+                drift_text(drift),
+            )
+        return f"{drift:+.0f} s"
 
     @admin.display(description="last error")
     def short_error(self, device):

@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 from django.conf import settings
 from django.db import OperationalError, ProgrammingError, connection, connections, transaction
-from django.db.models import F
+from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from core.models import Device, Employee, RawAttendance
@@ -427,21 +427,28 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
     return result
 
 
-def drift_warning(drift_seconds: float) -> str:
-    """The operator's line about a device clock that is off the server's time."""
+def _drift_amount(drift_seconds: float) -> str:
     size = abs(drift_seconds)
     if size >= 2 * 86400:
-        amount = f"{size / 86400:.0f} days"
-    elif size >= 2 * 3600:
-        amount = f"{size / 3600:.0f} hours"
-    elif size >= 120:
-        amount = f"{size / 60:.0f} minutes"
-    else:
-        amount = f"{size:.0f} s"
+        return f"{size / 86400:.0f} days"
+    if size >= 2 * 3600:
+        return f"{size / 3600:.0f} hours"
+    if size >= 120:
+        return f"{size / 60:.0f} minutes"
+    return f"{size:.0f} s"
+
+
+def drift_text(drift_seconds: float) -> str:
+    """A clock drift as people say it: "9467 days behind", "3 minutes ahead"."""
+    return f"{_drift_amount(drift_seconds)} {'ahead' if drift_seconds > 0 else 'behind'}"
+
+
+def drift_warning(drift_seconds: float) -> str:
+    """The operator's line about a device clock that is off the server's time."""
     side = "ahead of" if drift_seconds > 0 else "behind"
     return (
-        f"the device clock is {amount} {side} the server's time (Sync clock sets it); "
-        "its punches are judged by the server's time"
+        f"the device clock is {_drift_amount(drift_seconds)} {side} the server's time "
+        "(Sync clock sets it); its punches are judged by the server's time"
     )
 
 
@@ -542,9 +549,6 @@ def punches_judge(*, ids: Iterable[int], suspect: bool, reason: str, user) -> in
 
     Raises ValueError when the reason is blank or too long to record.
     """
-    # Local: the module's import block is being reworked separately.
-    from django.db.models import Case, Q, QuerySet, Value, When
-
     reason = " ".join(reason.split())
     if not reason:
         raise ValueError("Give a reason: it is recorded with the verdict.")

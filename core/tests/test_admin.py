@@ -60,6 +60,15 @@ def test_device_list_shows_health_log_fill_and_last_error(admin_client):
     assert "did not answer within 30 s" in page
 
 
+def test_device_list_alerts_a_clock_that_is_far_off_and_not_one_that_is_close(admin_client):
+    DeviceFactory(name="Reset by a power cut", clock_drift_seconds=-9467 * 86400)
+    DeviceFactory(name="Close enough", clock_drift_seconds=42)
+    page = admin_client.get(reverse("admin:core_device_changelist")).content.decode()
+    assert "clock 9467 days behind" in page
+    assert "+42 s" in page
+    assert page.count('title="Sync clock sets it"') == 1
+
+
 # --- The comm key is write-only ----------------------------------------------------------
 
 
@@ -73,6 +82,7 @@ def device_form(device: Device, **changes) -> dict:
         "comm_key": "",
         "timeout_seconds": device.timeout_seconds,
         "timezone": device.timezone,
+        "encoding": device.encoding,
         "enabled": "on" if device.enabled else "",
         "work_start_time": "",
         "work_end_time": "",
