@@ -3,6 +3,12 @@ import pytest
 from core.zk.emulator import DeviceState, ZKEmulator
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Test logins need no slow hash: each PBKDF2 hash costs the suite about a second."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def zk_emulator():
     """Starts ZK device emulators on free loopback ports; stops them after the test.
