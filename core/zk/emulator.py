@@ -998,8 +998,8 @@ class _Session:
         self.closing = True
 
     def _on_enable(self, payload: bytes) -> None:
-        self._ok()
         self._emu._set_enabled(True, "enable")
+        self._ok()
 
     def _on_disable(self, payload: bytes) -> None:
         self._emu._set_enabled(False, "disable")
@@ -1007,8 +1007,8 @@ class _Session:
 
     def _on_restart(self, payload: bytes) -> None:
         # The clock reboots: it drops this connection and comes back enabled.
-        self._ok()
         self._emu._set_enabled(True, "restart")
+        self._ok()
         self.closing = True
 
     def _on_version(self, payload: bytes) -> None:
@@ -1079,9 +1079,10 @@ class _Session:
             finger_cap - fingers, user_cap - users, record_cap - records,
             0, 0, 0,  # faces, -, face capacity
         )  # fmt: skip
-        self._ok(struct.pack("<23i", *fields))
-        # punch_during_read: someone punches just after a client read the counts.
+        # punch_during_read: someone punches just after the counts were taken
+        # (before they are sent, so it is done before the client reads them).
         self._emu._someone_punches()
+        self._ok(struct.pack("<23i", *fields))
 
     def _on_get_time(self, payload: bytes) -> None:
         self._ok(struct.pack("<I", encode_time(self._emu.device_now())))
