@@ -2,6 +2,8 @@
 
 import datetime
 import socket
+import threading
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -307,6 +309,35 @@ def test_device_is_enabled_again_after_a_read_that_was_cut_off(fault):
         assert emu.enable_log == ["disable", "enable"]
         assert emu.enabled
     assert "could not be enabled" not in result.error
+    assert not RawAttendance.objects.filter(device=device).exists()
+
+
+def test_a_device_that_cannot_be_enabled_again_is_named_in_the_error(caplog):
+    state = state_with(day_punches(3000))
+    emulator = {"stall_after_bytes": 50_000}
+    with emulated(state, timeout_seconds=2, emulator=emulator) as (emu, device):
+
+        def power_cut() -> None:
+            # The device goes away once the read has disabled it: no connection
+            # can enable it again.
+            deadline = time.monotonic() + 10
+            while "disable" not in emu.enable_log and time.monotonic() < deadline:
+                time.sleep(0.01)
+            emu.stop()
+
+        cutter = threading.Thread(target=power_cut, daemon=True)
+        cutter.start()
+        result = device_poll(device=device)
+        cutter.join(10)
+        assert emu.enable_log == ["disable"] and not emu.enabled
+
+    assert not result.ok
+    assert "the device could not be enabled again" in result.error
+    assert "takes no punches until it is" in result.error
+    assert any(
+        record.levelname == "ERROR" and "may be left disabled" in record.getMessage()
+        for record in caplog.records
+    )
     assert not RawAttendance.objects.filter(device=device).exists()
 
 
