@@ -11,6 +11,7 @@ from core.zk.client import (
     decode_device_time,
     decode_users,
     name_warnings,
+    proven_count,
     record_counts,
 )
 from core.zk.protocol import encode_time
@@ -147,6 +148,63 @@ def test_record_counts_accept_only_known_sizes_within_the_counts_read():
     assert record_counts(80, low=5, high=10, sizes=(8, 16, 40, 49)) == [10, 5]
     assert record_counts(0, low=0, high=3, sizes=(8, 16)) == [0]
     assert record_counts(0, low=1, high=3, sizes=(8, 16)) == []
+
+
+ATTENDANCE_SIZES = (8, 16, 40, 49)
+
+
+def never_read() -> int:
+    raise AssertionError("the counts were read again although the first ones proved the buffer")
+
+
+def test_a_buffer_that_fits_the_count_read_before_needs_no_second_read():
+    buffer = blob([record_40(1, "1", 1, T1, 0)] * 3)
+    count = proven_count(
+        buffer, before=3, read_after=never_read, sizes=ATTENDANCE_SIZES, what="records"
+    )
+    assert count == 3
+
+
+def test_a_log_that_grew_during_the_read_is_proven_by_the_count_read_after():
+    buffer = blob([record_40(1, "1", 1, T1, 0)] * 4)
+    count = proven_count(
+        buffer, before=3, read_after=lambda: 5, sizes=ATTENDANCE_SIZES, what="records"
+    )
+    assert count == 4
+
+
+def test_bytes_that_fit_no_known_layout_for_the_counts_read_fail_saying_what_came():
+    buffer = blob([b"\x01" * 41] * 4)
+    with pytest.raises(DeviceProtocolError) as caught:
+        proven_count(buffer, before=4, read_after=lambda: 4, sizes=ATTENDANCE_SIZES, what="records")
+    assert str(caught.value).startswith(
+        "the device sent 164 bytes of records while reporting 4; at the record sizes this "
+        "bridge knows (8, 16, 40, 49 bytes) it fits none, so nothing was stored."
+    )
+
+
+def test_bytes_that_fit_two_layouts_between_the_counts_are_refused_as_ambiguous():
+    # 160 bytes: 10 sixteen-byte records or 20 eight-byte ones, both between 9 and 20.
+    with pytest.raises(
+        DeviceProtocolError, match="it fits 20 records of 8 bytes and 10 records of 16 bytes"
+    ):
+        proven_count(
+            blob([b"\x00" * 160]),
+            before=9,
+            read_after=lambda: 20,
+            sizes=ATTENDANCE_SIZES,
+            what="records",
+        )
+
+
+def test_after_the_log_was_cleared_only_the_new_count_proves_the_buffer():
+    buffer = blob([record_40(1, "1", 1, T1, 0)] * 2)
+    count = proven_count(
+        buffer, before=7, read_after=lambda: 2, sizes=ATTENDANCE_SIZES, what="records"
+    )
+    assert count == 2
+    with pytest.raises(DeviceProtocolError, match="7 before the read and 3 after"):
+        proven_count(buffer, before=7, read_after=lambda: 3, sizes=ATTENDANCE_SIZES, what="records")
 
 
 def test_72_byte_users_decode_names_and_string_user_ids():

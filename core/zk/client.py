@@ -15,7 +15,7 @@ import datetime
 import logging
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -241,6 +241,44 @@ def record_counts(total: int, *, low: int, high: int, sizes: Iterable[int]) -> l
     if total == 0:
         return [0] if low == 0 else []
     return [total // size for size in sizes if total % size == 0 and low <= total // size <= high]
+
+
+def proven_count(
+    buffer: bytes, *, before: int, read_after: Callable[[], int], sizes: Iterable[int], what: str
+) -> int:
+    """The number of records in a bulk buffer, proven by a count the device gave.
+
+    `before` (the count read before the buffer) proves it when the buffer is a
+    whole number of records of one of the known `sizes` at that count.
+    Otherwise the device recorded meanwhile: `read_after()` reads the count
+    again, and the buffer must be whole records of exactly one known size for a
+    count between the two (a log only grows while it is read). Anything else is
+    a DeviceProtocolError naming the bytes, the counts and the sizes tried.
+    """
+    if not buffer:
+        return 0
+    sizes = tuple(sizes)
+    total = len(_body(buffer, what))
+    counts = record_counts(total, low=before, high=before, sizes=sizes)
+    if counts:
+        return counts[0]
+    after = read_after()
+    # A count that went down means the log was cleared meanwhile: then only the
+    # new count itself can prove the buffer.
+    counts = record_counts(total, low=before if before <= after else after, high=after, sizes=sizes)
+    if len(counts) == 1:
+        return counts[0]
+    seen = str(before) if before == after else f"{before} before the read and {after} after"
+    if counts:
+        fits = "it fits " + " and ".join(f"{c} records of {total // c} bytes" for c in counts)
+    else:
+        fits = "it fits none"
+    raise DeviceProtocolError(
+        f"the device sent {total} bytes of {what} while reporting {seen}; at the record sizes "
+        f"this bridge knows ({', '.join(map(str, sizes))} bytes) {fits}, so nothing was "
+        "stored. It may have recorded during the read (poll again), or its firmware uses a "
+        "layout this bridge does not know"
+    )
 
 
 def decode_users(buffer: bytes, count: int, *, encoding: str = "utf-8") -> list[DeviceUser]:
@@ -523,7 +561,7 @@ class DeviceClient:
 
         A disabled clock takes no punches, so its counts and its log agree; on
         firmware that keeps recording anyway, the buffers are decoded only at a
-        record size that a count read in this session proves (_proven_count).
+        record size that a count read in this session proves (proven_count).
         If the read fails, the device is enabled on this connection when it is
         still in step, else on a fresh one (bounded by the timeout); a device
         that cannot be enabled again is logged and named in the error.
@@ -558,16 +596,26 @@ class DeviceClient:
                 zk_const.CMD_ATTLOG_RRQ, 0, "downloading the attendance log"
             )
         later: list[DeviceSizes] = []
-        user_count = self._proven_count(
-            users_buffer, first, later, lambda s: s.users, USER_SIZES, "users"
+
+        def counts_after() -> DeviceSizes:
+            # Read at most once, and only when a buffer does not fit the first counts.
+            if not later:
+                later.append(self.read_sizes())
+            return later[0]
+
+        user_count = proven_count(
+            users_buffer,
+            before=first.users,
+            read_after=lambda: counts_after().users,
+            sizes=USER_SIZES,
+            what="users",
         )
-        record_count = self._proven_count(
+        record_count = proven_count(
             attendance_buffer,
-            first,
-            later,
-            lambda s: s.records,
-            ATTENDANCE_SIZES,
-            "attendance records",
+            before=first.records,
+            read_after=lambda: counts_after().records,
+            sizes=ATTENDANCE_SIZES,
+            what="attendance records",
         )
         users = decode_users(users_buffer, user_count, encoding=self.encoding)
         punches = decode_attendance(
@@ -581,40 +629,6 @@ class DeviceClient:
             users=users,
             punches=punches,
             warnings=name_warnings(users, encoding=self.encoding),
-        )
-
-    def _proven_count(self, buffer, first, later, count_of, sizes, what) -> int:
-        """The number of records in `buffer`, proven by a count the device gave.
-
-        The count read before the buffer proves it when the buffer is a whole
-        number of records of a known size at that count. Otherwise the device
-        recorded meanwhile: the counts are read again, and the buffer's count
-        must lie between the two (a log only grows) at exactly one known size.
-        """
-        if not buffer:
-            return 0
-        total = len(_body(buffer, what))
-        before = count_of(first)
-        counts = record_counts(total, low=before, high=before, sizes=sizes)
-        if counts:
-            return counts[0]
-        if not later:
-            later.append(self.read_sizes())
-        after = count_of(later[0])
-        if before <= after:
-            counts = record_counts(total, low=before, high=after, sizes=sizes)
-        else:  # the log was cleared meanwhile: only the two counts themselves
-            counts = record_counts(total, low=after, high=after, sizes=sizes)
-        if len(counts) == 1:
-            return counts[0]
-        layouts = ", ".join(map(str, sizes))
-        seen = f"{before}" if before == after else f"{before} before the read and {after} after"
-        fits = f"it fits {len(counts)} of them" if counts else "it fits none"
-        raise DeviceProtocolError(
-            f"{self.address} sent {total} bytes of {what} while reporting {seen}; at the "
-            f"record sizes this bridge knows ({layouts} bytes) {fits}, so nothing was "
-            "stored. The device may have recorded during the read (poll again) or its "
-            "firmware uses a layout this bridge does not know"
         )
 
     def _bulk(self, command: int, fct: int, action: str) -> bytes:
