@@ -1611,11 +1611,12 @@ class ZKEmulator:
         if not self.punch_during_read:
             return
         with self.state.lock:
-            if not self.state.users:
-                return
-            user = self.state.users[self._next_reader_punch % len(self.state.users)]
-        self._next_reader_punch += 1
+            users = list(self.state.users)
+        if not users:
+            return
         with self._lock:
+            user = users[self._next_reader_punch % len(users)]
+            self._next_reader_punch += 1
             if not (self.enabled or self.ignore_disable):
                 self._waiting.append(user.user_id)
                 return
