@@ -989,3 +989,46 @@ def test_command_serves_pyzk_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert "CMD_PREPARE_BUFFER (1503), 11 payload bytes" in errors
     assert len(DeviceState.from_json(saved).attendance) == 40
     assert lines.get(timeout=5).strip() == "Emulator stopped."
+
+
+def test_command_serves_the_encoding_record_size_and_read_fault_it_is_given(tmp_path):
+    argv = ["--port", "0", "--users", "3", "--punches", "10", "--seed", "3"]
+    argv += ["--encoding", "cp1251", "--record-size", "49", "--punch-during-read"]
+    argv += ["--ignore-disable"]
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "zk_emulator", *argv],
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in process.stdout], daemon=True
+    ).start()
+    try:
+        banner = []
+        while not banner or not banner[-1].startswith("Ctrl-C"):
+            banner.append(lines.get(timeout=30))
+        port = int(banner[0].split(":")[1].split()[0])
+        conn = ZK("127.0.0.1", port=port, timeout=5, ommit_ping=True).connect()
+        conn.disable_device()
+        conn.read_sizes()
+        first = conn.records
+        buffer, _ = conn.read_with_buffer(13, 0)
+        conn.read_sizes()
+        # Recorded although disabled, just after the first count was read.
+        assert (first, conn.records) == (10, 11)
+        assert struct.unpack_from("<I", buffer)[0] == 11 * 49
+        conn.enable_device()
+        conn.disconnect()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = "".join(banner)
+    assert "TCP: 72-byte users, 49-byte records" in text
+    assert "UDP: 28-byte users, 49-byte records" in text
+    assert "user names in cp1251" in text
+    assert "faults: punches during reads (recorded while disabled)" in text
