@@ -232,7 +232,10 @@ class DeviceAdmin(admin.ModelAdmin):
     @admin.action(description="Poll now", permissions=["poll_device"])
     def poll_now(self, request, queryset):
         for result in devices_poll(devices=queryset):
-            level = messages.SUCCESS if result.ok else messages.ERROR
+            if not result.ok:
+                level = messages.ERROR
+            else:
+                level = messages.WARNING if result.warnings else messages.SUCCESS
             self.message_user(request, result.summary(), level)
 
     @admin.action(description="Test connection", permissions=["test_device"])

@@ -55,6 +55,8 @@ class PollResult:
     users: int = 0
     seconds: float = 0.0
     error: str = ""
+    # The poll succeeded but the operator should look: e.g. user names that are
+    # not valid in the device's encoding.
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -68,7 +70,7 @@ class PollResult:
                 f"{self.device_name}: {self.new} new, {self.duplicates} duplicate, {revised}"
                 f"{self.suspect} suspect of {self.downloaded} downloaded ({self.seconds:.2f}s)"
             )
-        return "; ".join([line, *self.warnings])
+        return line + "".join(f"\n  WARNING: {warning}" for warning in self.warnings)
 
 
 @dataclass
@@ -110,8 +112,8 @@ def suspect_reason(punch: Punch, *, latest: datetime.datetime) -> str:
     `latest` comes from latest_plausible(). The wording does not depend on the
     moment of judging, so judging the same punch again gives the same reason.
     """
-    if punch.bad_date:
-        return punch.bad_date
+    if punch.problem:
+        return punch.problem
     if punch.timestamp < EARLIEST_PLAUSIBLE:
         return (
             f"recorded {punch.timestamp:%Y-%m-%d %H:%M}, before 2001: the device clock was not set"
@@ -171,7 +173,7 @@ def _rows(
         reason = ""
         # The same tests as suspect_reason, inline: calling it for every punch
         # costs a tenth of a second per 100 000, and nearly all punches pass.
-        if punch.bad_date or moment < EARLIEST_PLAUSIBLE or moment > latest:
+        if punch.problem or moment < EARLIEST_PLAUSIBLE or moment > latest:
             reason = suspect_reason(punch, latest=latest)
             suspect += 1
         # The status byte is the verification method on every firmware we know.
@@ -321,6 +323,7 @@ def client_for(device: Device) -> DeviceClient:
         protocol=device.protocol,
         comm_key=device.comm_key,
         timeout=device.timeout_seconds,
+        encoding=device.encoding,
     )
 
 
@@ -337,9 +340,10 @@ def _needs_download(
 def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
     """Polls one device and stores its new punches.
 
-    Idempotent: punches already stored are skipped, and a device whose serial
-    number and record count are unchanged since the last download is not
-    downloaded again (until FULL_POLL_HOURS have passed or `force_full`).
+    Idempotent: a punch already stored is not stored again, only judged again
+    (see punches_store), and a device whose serial number and record count are
+    unchanged since the last download is not downloaded again (until
+    FULL_POLL_HOURS have passed or `force_full`).
     Never raises for a device problem: the failure is recorded on the device
     (last_error, consecutive_failures) and returned in the result.
     """
@@ -358,8 +362,10 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
             users: list[DeviceUser] = []
             punches: list[Punch] = []
             if download:
-                users = client.read_users(sizes=sizes)
-                punches = client.read_attendance(sizes=sizes, users=users)
+                # Disabled for the read: counts and log from one quiet moment.
+                log = client.read_log()
+                sizes, users, punches = log.sizes, log.users, log.punches
+                result.warnings = log.warnings
     except DeviceError as exc:
         result.error = str(exc)
         result.seconds = time.monotonic() - started
@@ -422,6 +428,8 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
         return result
     for name, value in facts.items():
         setattr(device, name, value)
+    for warning in result.warnings:
+        logger.warning("Poll of device %s (id %s): %s", device.name, device.pk, warning)
     result.ok = True
     result.seconds = time.monotonic() - started
     return result

@@ -176,6 +176,21 @@ def test_poll_now_action_polls_the_device_and_reports(admin_client, zk_emulator)
     assert RawAttendance.objects.filter(device=device).count() == 40
 
 
+def test_poll_now_action_shows_a_names_warning_as_a_warning(admin_client, zk_emulator):
+    state = DeviceState.generate(users=2, punches=4, days=5, seed=2)
+    state.users[0].name = "Иван"
+    emu = zk_emulator(state, encoding="cp1251")
+    device = DeviceFactory(name="Kyiv", ip_address=emu.host, port=emu.port, encoding="utf-8")
+    response = admin_client.post(
+        reverse("admin:core_device_changelist"),
+        {"action": "poll_now", "_selected_action": [device.pk]},
+        follow=True,
+    )
+    (message,) = list(response.context["messages"])
+    assert message.level_tag == "warning"
+    assert "1 user name(s) are not valid utf-8" in message.message
+
+
 def test_test_connection_action_reports_an_unreachable_device(admin_client):
     device = DeviceFactory(name="Gone", port=1, timeout_seconds=1)
     response = admin_client.post(
