@@ -4,12 +4,14 @@ from zoneinfo import ZoneInfo
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.db.models import OuterRef, Q, Subquery
+from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from core.ingest import device_sync_time, device_test, devices_poll
+from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
 from core.models import Device, Employee, ProcessedAttendance, RawAttendance
 from core.processing import (
     attendance_discard_edits,
@@ -22,8 +24,64 @@ from core.zk.client import DeviceError
 # --- Devices -------------------------------------------------------------------------
 
 
+class DeviceForm(forms.ModelForm):
+    """The comm key is write-only: the page never carries it, a blank field keeps it."""
+
+    comm_key = forms.IntegerField(
+        label="Comm key",
+        required=False,
+        min_value=0,
+        max_value=999999,
+        # Never rendered, not even masked: the page would carry the key. And
+        # new-password, so that browsers do not fill in a saved login password.
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+    )
+
+    class Meta:
+        model = Device
+        # What the operator sets; the admin narrows it to its fieldsets.
+        fields = [
+            "name",
+            "ip_address",
+            "port",
+            "protocol",
+            "comm_key",
+            "timeout_seconds",
+            "timezone",
+            "encoding",
+            "enabled",
+            "work_start_time",
+            "work_end_time",
+        ]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # No initial value: a blank field then counts as unchanged.
+        self.initial.pop("comm_key", None)
+        field = self.fields.get("comm_key")
+        if field is None:
+            return
+        if self.instance.pk and self.instance.comm_key:
+            field.help_text = (
+                "A comm key is set; leave blank to keep it, enter a new one to change it, "
+                "or 0 to remove it."
+            )
+        else:
+            field.help_text = (
+                "No comm key set. Enter the device's Comm Key (0 to 999999, from its menu) "
+                "if it has one."
+            )
+
+    def clean_comm_key(self):
+        value = self.cleaned_data["comm_key"]
+        if value is None:
+            return self.instance.comm_key if self.instance.pk else 0
+        return value
+
+
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
+    form = DeviceForm
     list_display = [
         "name",
         "address",
@@ -57,6 +115,7 @@ class DeviceAdmin(admin.ModelAdmin):
         "last_serial_number",
         "created_at",
         "updated_at",
+        "comm_key_state",
     ]
     fieldsets = [
         (
@@ -67,7 +126,7 @@ class DeviceAdmin(admin.ModelAdmin):
                     ("ip_address", "port", "protocol"),
                     "comm_key",
                     "timeout_seconds",
-                    "timezone",
+                    ("timezone", "encoding"),
                     "enabled",
                 ]
             },
@@ -101,11 +160,37 @@ class DeviceAdmin(admin.ModelAdmin):
         ),
     ]
 
-    def formfield_for_dbfield(self, db_field, request, **kwargs):
-        if db_field.name == "comm_key":
-            # A password: masked on screen, still editable.
-            kwargs["widget"] = forms.PasswordInput(render_value=True)
-        return super().formfield_for_dbfield(db_field, request, **kwargs)
+    def get_fieldsets(self, request, obj=None):
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or self.has_change_permission(request, obj):
+            return fieldsets
+        # A read-only page would print the field's value: show only whether one is set.
+        return [
+            (
+                name,
+                {
+                    **options,
+                    "fields": [
+                        "comm_key_state" if field == "comm_key" else field
+                        for field in options["fields"]
+                    ],
+                },
+            )
+            for name, options in fieldsets
+        ]
+
+    @admin.display(description="comm key")
+    def comm_key_state(self, device):
+        return "set" if device.comm_key else "not set"
+
+    def has_poll_device_permission(self, request):
+        return request.user.has_perm("core.poll_device")
+
+    def has_test_device_permission(self, request):
+        return request.user.has_perm("core.test_device")
+
+    def has_sync_device_clock_permission(self, request):
+        return request.user.has_perm("core.sync_device_clock")
 
     @admin.display(description="address")
     def address(self, device):
@@ -128,21 +213,32 @@ class DeviceAdmin(admin.ModelAdmin):
 
     @admin.display(description="clock drift")
     def clock_drift(self, device):
-        if device.clock_drift_seconds is None:
+        drift = device.clock_drift_seconds
+        if drift is None:
             return "—"
-        return f"{device.clock_drift_seconds:+.0f} s"
+        if abs(drift) > settings.CLOCK_DRIFT_ALERT_SECONDS:
+            # Its punches are still judged by the server's time; the clock
+            # itself needs setting before people see the wrong time on it.
+            return format_html(
+                '<span style="color:#ba2121" title="Sync clock sets it">clock {}</span>',
+                drift_text(drift),
+            )
+        return f"{drift:+.0f} s"
 
     @admin.display(description="last error")
     def short_error(self, device):
         return device.last_error[:80]
 
-    @admin.action(description="Poll now")
+    @admin.action(description="Poll now", permissions=["poll_device"])
     def poll_now(self, request, queryset):
         for result in devices_poll(devices=queryset):
-            level = messages.SUCCESS if result.ok else messages.ERROR
+            if not result.ok:
+                level = messages.ERROR
+            else:
+                level = messages.WARNING if result.warnings else messages.SUCCESS
             self.message_user(request, result.summary(), level)
 
-    @admin.action(description="Test connection")
+    @admin.action(description="Test connection", permissions=["test_device"])
     def test_connection(self, request, queryset):
         for device in queryset:
             report = device_test(device=device)
@@ -159,7 +255,7 @@ class DeviceAdmin(admin.ModelAdmin):
                 messages.SUCCESS,
             )
 
-    @admin.action(description="Sync clock")
+    @admin.action(description="Sync clock", permissions=["sync_device_clock"])
     def sync_clock(self, request, queryset):
         for device in queryset:
             try:
@@ -189,9 +285,47 @@ class EmployeeAdmin(admin.ModelAdmin):
 # --- Raw punches ---------------------------------------------------------------------
 
 
+class VerdictFilter(admin.SimpleListFilter):
+    """Whose verdict stands on a punch: the automatic checks', or an operator's."""
+
+    title = "verdict set by"
+    parameter_name = "verdict"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("automatic", "Automatic checks"),
+            ("operator", "An operator (either way)"),
+            ("operator_suspect", "An operator: suspect"),
+            ("operator_cleared", "An operator: not suspect"),
+        ]
+
+    def queryset(self, request, queryset):
+        filters = {
+            "automatic": {"suspect_override__isnull": True},
+            "operator": {"suspect_override__isnull": False},
+            "operator_suspect": {"suspect_override": True},
+            "operator_cleared": {"suspect_override": False},
+        }
+        chosen = filters.get(self.value())
+        return queryset if chosen is None else queryset.filter(**chosen)
+
+
+class VerdictForm(forms.Form):
+    # Not required here: core.ingest.punches_judge refuses a blank reason, with its message.
+    reason = forms.CharField(
+        required=False,
+        widget=forms.TextInput(attrs={"size": 80}),
+        help_text="Recorded with the verdict, with your user name.",
+    )
+
+
 @admin.register(RawAttendance)
 class RawAttendanceAdmin(admin.ModelAdmin):
-    """Read-only: punches are what the devices recorded, never edited here."""
+    """Read-only: punches are what the devices recorded, never edited here.
+
+    The one thing an operator may set is the verdict (suspect or not), through
+    the two actions, with the core.judge_punch permission.
+    """
 
     list_display = [
         "timestamp",
@@ -203,12 +337,38 @@ class RawAttendanceAdmin(admin.ModelAdmin):
         "verify_type",
         "is_suspect",
         "suspect_reason",
+        "operator_verdict",
     ]
-    list_filter = ["device", ("timestamp", admin.DateFieldListFilter), "punch_state", "is_suspect"]
+    list_filter = [
+        "device",
+        ("timestamp", admin.DateFieldListFilter),
+        "punch_state",
+        "is_suspect",
+        VerdictFilter,
+    ]
     date_hierarchy = "timestamp"
     search_fields = ["=user_id"]
     list_select_related = ["device"]
     show_full_result_count = False  # COUNT(*) over millions of punches on every page
+    actions = ["mark_suspect", "clear_suspect"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    ("device", "user_id"),
+                    ("timestamp", "local_time"),
+                    ("status", "punch_state", "verify_type"),
+                    "received_at",
+                ]
+            },
+        ),
+        (
+            "Verdict (processing skips suspect punches)",
+            {"fields": ["is_suspect", "suspect_reason", "operator_verdict", "revised_at"]},
+        ),
+    ]
+    readonly_fields = ["local_time", "operator_verdict"]
 
     def get_queryset(self, request):
         names = Employee.objects.filter(user_id=OuterRef("user_id")).values("name")[:1]
@@ -232,6 +392,16 @@ class RawAttendanceAdmin(admin.ModelAdmin):
     def employee_name(self, punch):
         return punch.employee_name or ""
 
+    @admin.display(description="operator verdict")
+    def operator_verdict(self, punch):
+        if punch.suspect_override is None:
+            return "—"
+        verdict = "suspect" if punch.suspect_override else "not suspect"
+        return (
+            f"{verdict}, by {punch.suspect_override_by or '?'} "
+            f"at {punch.suspect_override_at:%Y-%m-%d %H:%M} UTC"
+        )
+
     def has_add_permission(self, request):
         return False
 
@@ -240,6 +410,57 @@ class RawAttendanceAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def has_judge_punch_permission(self, request):
+        return request.user.has_perm("core.judge_punch")
+
+    @admin.action(description="Mark as suspect…", permissions=["judge_punch"])
+    def mark_suspect(self, request, queryset):
+        return self._judge(request, queryset, suspect=True)
+
+    @admin.action(description="Clear suspect flag…", permissions=["judge_punch"])
+    def clear_suspect(self, request, queryset):
+        return self._judge(request, queryset, suspect=False)
+
+    def _judge(self, request, queryset, *, suspect: bool):
+        """Asks for the reason on a page of its own, then records the verdict."""
+        form = VerdictForm(request.POST if "apply" in request.POST else None)
+        count = queryset.count()  # before the update: a filter on the verdict would change it
+        if form.is_bound and form.is_valid():
+            try:
+                written = punches_judge(
+                    ids=queryset.values_list("pk", flat=True),
+                    suspect=suspect,
+                    reason=form.cleaned_data["reason"],
+                    user=request.user,
+                )
+            except ValueError as exc:
+                form.add_error("reason", str(exc))
+            else:
+                verdict = "marked suspect" if suspect else "cleared of the suspect flag"
+                unchanged = (
+                    f"; {count - written} already had that verdict" if written < count else ""
+                )
+                self.message_user(
+                    request, f"{written} punch(es) {verdict}{unchanged}.", messages.SUCCESS
+                )
+                return None
+        opts = self.model._meta
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Mark punches as suspect" if suspect else "Clear the suspect flag",
+            "suspect": suspect,
+            "opts": opts,
+            "form": form,
+            "count": count,
+            "sample": list(queryset.select_related("device")[:20]),
+            "action": request.POST.get("action", ""),
+            "selected": request.POST.getlist(helpers.ACTION_CHECKBOX_NAME),
+            "select_across": request.POST.get("select_across", "0"),
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/core/rawattendance/judge.html", context)
 
 
 # --- Daily attendance (core.processing) ---------------------------------------------
@@ -345,7 +566,9 @@ class ProcessedAttendanceForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["clock_in"].required = True
+        # Absent on the read-only page of a user who may only view days.
+        if "clock_in" in self.fields:
+            self.fields["clock_in"].required = True
 
     def clean(self):
         cleaned = super().clean()
@@ -531,19 +754,19 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
             notes.append("no punches any more (sent to the CRM as a correction)")
         return "; ".join(notes)
 
-    @admin.action(description="Recompute from punches")
+    @admin.action(description="Recompute from punches", permissions=["change"])
     def recompute(self, request, queryset):
         result = attendance_recompute(ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Recomputed: {result.summary()}", messages.SUCCESS)
 
-    @admin.action(description="Mark reviewed")
+    @admin.action(description="Mark reviewed", permissions=["change"])
     def mark_reviewed(self, request, queryset):
         count = attendance_mark_reviewed(
             ids=queryset.values_list("pk", flat=True), user=request.user
         )
         self.message_user(request, f"{count} day(s) marked reviewed.", messages.SUCCESS)
 
-    @admin.action(description="Discard HR edits and recompute from punches")
+    @admin.action(description="Discard HR edits and recompute from punches", permissions=["change"])
     def discard_edits(self, request, queryset):
         result = attendance_discard_edits(ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Edits discarded: {result.summary()}", messages.SUCCESS)

@@ -4,6 +4,12 @@ from core.fake_crm import FakeCrm
 from core.zk.emulator import DeviceState, ZKEmulator
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Test logins need no slow hash: each PBKDF2 hash costs the suite about a second."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def zk_emulator():
     """Starts ZK device emulators on free loopback ports; stops them after the test.

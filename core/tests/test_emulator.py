@@ -22,6 +22,7 @@ from zk.exception import ZKErrorResponse, ZKNetworkError
 from zk.finger import Finger
 from zk.user import User
 
+from core.zk.client import decode_attendance
 from core.zk.emulator import (
     CMD_ACK_ERROR,
     CMD_ACK_OK,
@@ -611,6 +612,79 @@ def test_chunked_reads_send_prepare_data_then_ack_for_each_1504(zk_emulator, raw
     assert raw.call(1504, struct.pack("<ii", 0, 100)).command == CMD_ACK_ERROR
 
 
+@TRANSPORTS
+@pytest.mark.parametrize("size", [8, 16, 40, 49])
+def test_record_size_serves_that_attendance_layout_on_either_transport(zk_emulator, udp, size):
+    state = small_state(punches=50)
+    conn = connect(zk_emulator(state, record_size=size), udp=udp)
+    conn.read_sizes()
+    buffer, _ = conn.read_with_buffer(13, 0)
+    assert struct.unpack_from("<I", buffer)[0] == 50 * size
+    uids = {user.uid: user.user_id for user in state.users}
+    punches = decode_attendance(buffer, 50, user_ids_by_uid=uids)
+    assert [(p.user_id, p.timestamp, p.status, p.punch, p.problem) for p in punches] == [
+        (*record, None) for record in as_tuples(state.attendance)
+    ]
+
+
+def test_8_byte_records_of_a_user_id_with_no_user_carry_it_as_their_uid(zk_emulator):
+    state = small_state(users=2, punches=0)
+    state.add_punch(user_id="17", timestamp=NOW)
+    conn = connect(zk_emulator(state, record_size=8))
+    conn.read_sizes()
+    buffer, _ = conn.read_with_buffer(13, 0)
+    assert struct.unpack_from("<H", buffer, 4)[0] == 17
+
+
+@TRANSPORTS
+def test_names_are_stored_in_the_emulator_encoding(zk_emulator, udp):
+    state = small_state(users=2, punches=0)
+    state.users[0].name = "Иван"
+    emu = zk_emulator(state, encoding="cp1251")
+    conn = ZK(
+        emu.host, port=emu.port, timeout=5, force_udp=udp, ommit_ping=True, encoding="cp1251"
+    ).connect()
+    assert conn.get_users()[0].name == "Иван"
+    conn.set_user(uid=9, name="Олег", user_id="1009")
+    assert emu.state.user_by_user_id("1009").name == "Олег"
+    as_utf8 = connect(emu, udp=udp)
+    buffer, _ = as_utf8.read_with_buffer(9, 5)
+    assert "Иван".encode("cp1251") in buffer and "Иван".encode() not in buffer
+
+
+@TRANSPORTS
+def test_punch_during_read_waits_for_the_enable_on_a_disabled_clock(zk_emulator, udp):
+    emu = zk_emulator(small_state(punches=20), punch_during_read=True)
+    conn = connect(emu, udp=udp)
+    conn.read_sizes()  # enabled: the punch is made at once
+    assert len(emu.state.attendance) == 21
+    conn.disable_device()
+    conn.read_sizes()
+    assert conn.records == 21
+    assert (len(emu.state.attendance), emu.waiting_punches()) == (21, 1)
+    conn.enable_device()
+    assert (len(emu.state.attendance), emu.waiting_punches()) == (22, 0)
+    assert emu.punches_during_read == 2
+    assert emu.enable_log == ["disable", "enable"]
+
+
+@TRANSPORTS
+def test_punch_during_read_with_ignore_disable_records_between_chunks(zk_emulator, udp):
+    # 2000 records: two 1504 chunks over TCP (40-byte records) and UDP (16-byte).
+    state = small_state(punches=2000)
+    emu = zk_emulator(state, punch_during_read=True, ignore_disable=True, chunked=True)
+    conn = connect(emu, udp=udp)
+    conn.disable_device()
+    conn.read_sizes()
+    assert conn.records == 2000 and len(emu.state.attendance) == 2001
+    buffer, _ = conn.read_with_buffer(13, 0)
+    # The read served the log as it was at 1503; one more punch came between the chunks.
+    assert struct.unpack_from("<I", buffer)[0] == 2001 * (16 if udp else 40)
+    assert len(emu.state.attendance) == 2002
+    punches = [(r.user_id, r.timestamp) for r in emu.state.attendance[2000:]]
+    assert len(set(punches)) == 2 and punches[0][1] < punches[1][1]
+
+
 # --- Faults -------------------------------------------------------------------------
 
 
@@ -857,6 +931,8 @@ def test_bad_device_file_names_the_wrong_field(change, message):
         (["--users", "0"], "users"),
         (["--live-interval", "0"], "live_interval"),
         (["--delay-ms", "-5"], "delay_ms"),
+        (["--encoding", "klingon"], "unknown encoding 'klingon'"),
+        (["--record-size", "12"], "invalid choice: 12"),
         (["--port", "70000"], "port"),
         (["--clock-offset", "1e10"], "2000-2099"),
     ],
@@ -913,3 +989,46 @@ def test_command_serves_pyzk_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert "CMD_PREPARE_BUFFER (1503), 11 payload bytes" in errors
     assert len(DeviceState.from_json(saved).attendance) == 40
     assert lines.get(timeout=5).strip() == "Emulator stopped."
+
+
+def test_command_serves_the_encoding_record_size_and_read_fault_it_is_given(tmp_path):
+    argv = ["--port", "0", "--users", "3", "--punches", "10", "--seed", "3"]
+    argv += ["--encoding", "cp1251", "--record-size", "49", "--punch-during-read"]
+    argv += ["--ignore-disable"]
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "zk_emulator", *argv],
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in process.stdout], daemon=True
+    ).start()
+    try:
+        banner = []
+        while not banner or not banner[-1].startswith("Ctrl-C"):
+            banner.append(lines.get(timeout=30))
+        port = int(banner[0].split(":")[1].split()[0])
+        conn = ZK("127.0.0.1", port=port, timeout=5, ommit_ping=True).connect()
+        conn.disable_device()
+        conn.read_sizes()
+        first = conn.records
+        buffer, _ = conn.read_with_buffer(13, 0)
+        conn.read_sizes()
+        # Recorded although disabled, just after the first count was read.
+        assert (first, conn.records) == (10, 11)
+        assert struct.unpack_from("<I", buffer)[0] == 11 * 49
+        conn.enable_device()
+        conn.disconnect()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = "".join(banner)
+    assert "TCP: 72-byte users, 49-byte records" in text
+    assert "UDP: 28-byte users, 49-byte records" in text
+    assert "user names in cp1251" in text
+    assert "faults: punches during reads (recorded while disabled)" in text

@@ -3,6 +3,8 @@
 import datetime
 import socket
 import sqlite3
+import threading
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -14,7 +16,7 @@ from django.utils import timezone
 
 from core.ingest import device_poll, device_sync_time, device_test, devices_poll
 from core.models import Device, Employee, RawAttendance
-from core.tests.factories import DeviceFactory
+from core.tests.factories import DeviceFactory, EmployeeFactory
 from core.zk.emulator import DeviceState, ZKEmulator
 
 pytestmark = pytest.mark.django_db
@@ -325,6 +327,190 @@ def test_a_record_the_device_logged_twice_is_stored_once():
     assert (result.downloaded, result.new, result.duplicates) == (3, 2, 1)
     assert (again.new, again.revised) == (0, 0)
     assert RawAttendance.objects.count() == 2
+
+
+# --- Reading while people punch ----------------------------------------------------------
+
+READ_MODES = pytest.mark.parametrize(
+    ("protocol", "chunked"),
+    [("tcp", False), ("tcp", True), ("udp", False)],
+    ids=["tcp-one-frame", "tcp-chunked", "udp"],
+)
+
+
+def on_device(emu: ZKEmulator) -> set[tuple]:
+    with emu.state.lock:
+        return {(r.user_id, r.timestamp) for r in emu.state.attendance}
+
+
+def stored_as_device_time(device: Device) -> list[tuple]:
+    # The device's zone is UTC: a stored instant is the device's wall-clock time.
+    return [
+        (user_id, moment.replace(tzinfo=None))
+        for user_id, moment in RawAttendance.objects.filter(device=device).values_list(
+            "user_id", "timestamp"
+        )
+    ]
+
+
+@READ_MODES
+@pytest.mark.parametrize(
+    "ignore_disable", [False, True], ids=["clock-locked-while-disabled", "records-while-disabled"]
+)
+@pytest.mark.parametrize("size", [4, 2500], ids=["small-log", "big-log"])
+def test_punches_made_during_reads_are_each_stored_once_and_nothing_else(
+    protocol, chunked, ignore_disable, size
+):
+    # A small log read at the count from before the punch decodes at a wrong stride
+    # (5 records of 40 bytes at a count of 4: 50 bytes each, garbage); 2500 records
+    # are more than one 1504 chunk over TCP (65 472 bytes) and UDP (16 KiB).
+    emulator = {"punch_during_read": True, "ignore_disable": ignore_disable, "chunked": chunked}
+    with emulated(state_with(day_punches(size)), protocol=protocol, emulator=emulator) as (
+        emu,
+        device,
+    ):
+        polls = [device_poll(device=device, force_full=True) for _ in range(2)]
+        assert all(poll.ok for poll in polls), [poll.error for poll in polls]
+        made_while_polling = emu.punches_during_read
+        after_two = stored_as_device_time(device)
+        assert set(after_two) <= on_device(emu)
+        # The punches made since the last read are in the next poll, made without the fault.
+        emu.punch_during_read = False
+        last = device_poll(device=device, force_full=True)
+        assert last.ok, last.error
+        everything = on_device(emu)
+        assert emu.enabled
+
+    # Each poll had someone punch after every count read, and between chunks when chunked.
+    assert made_while_polling >= 4
+    rows = stored_as_device_time(device)
+    assert len(rows) == len(set(rows)) == len(everything) == size + made_while_polling
+    assert set(rows) == everything
+    assert all(user_id in ("1001", "1002") for user_id, _ in rows)
+    assert min(moment for _, moment in rows) == datetime.datetime(2026, 11, 2, 8, 0)
+    assert not RawAttendance.objects.filter(device=device, is_suspect=True).exists()
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"drop_after_bytes": 50_000},
+        {"stall_after_bytes": 50_000},
+        {"drop_after_bytes": 50_000, "chunked": True},
+    ],
+    ids=["connection-reset", "device-hangs", "connection-reset-chunked"],
+)
+def test_device_is_enabled_again_after_a_read_that_was_cut_off(fault):
+    with emulated(state_with(day_punches(3000)), timeout_seconds=1, emulator=fault) as (
+        emu,
+        device,
+    ):
+        result = device_poll(device=device)
+        assert not result.ok
+        # Disabled for the read; the enable went over a fresh connection.
+        assert emu.enable_log == ["disable", "enable"]
+        assert emu.enabled
+    assert "could not be enabled" not in result.error
+    assert not RawAttendance.objects.filter(device=device).exists()
+
+
+def test_a_device_that_cannot_be_enabled_again_is_named_in_the_error(caplog):
+    state = state_with(day_punches(3000))
+    emulator = {"stall_after_bytes": 50_000}
+    with emulated(state, timeout_seconds=2, emulator=emulator) as (emu, device):
+
+        def power_cut() -> None:
+            # The device goes away once the read has disabled it: no connection
+            # can enable it again.
+            deadline = time.monotonic() + 10
+            while "disable" not in emu.enable_log and time.monotonic() < deadline:
+                time.sleep(0.01)
+            emu.stop()
+
+        cutter = threading.Thread(target=power_cut, daemon=True)
+        cutter.start()
+        result = device_poll(device=device)
+        cutter.join(10)
+        assert emu.enable_log == ["disable"] and not emu.enabled
+
+    assert not result.ok
+    assert "the device could not be enabled again" in result.error
+    assert "takes no punches until it is" in result.error
+    assert any(
+        record.levelname == "ERROR" and "may be left disabled" in record.getMessage()
+        for record in caplog.records
+    )
+    assert not RawAttendance.objects.filter(device=device).exists()
+
+
+def test_a_clock_that_refuses_punches_while_read_takes_them_once_enabled_again():
+    emulator = {"punch_during_read": True}
+    with emulated(state_with(day_punches(5)), emulator=emulator) as (emu, device):
+        device_poll(device=device)
+        # The punch after the read's count read waited for the enable, then was made.
+        assert emu.waiting_punches() == 0
+        assert emu.enable_log == ["disable", "enable"]
+        assert len(on_device(emu)) == 5 + emu.punches_during_read
+
+
+# --- 8-byte records and names ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_8_byte_record_of_a_uid_with_no_user_is_stored_suspect_never_credited(protocol):
+    EmployeeFactory(user_id="17", name="Someone else")
+    # "17" is no user on this clock (uid 1 is 1001, uid 2 is 1002): its records carry uid 17.
+    punches = [
+        ("1001", datetime.datetime(2026, 11, 2, 8, 0)),
+        ("17", datetime.datetime(2026, 11, 2, 8, 5)),
+    ]
+    emulator = {"record_size": 8}
+    with emulated(state_with(punches), protocol=protocol, emulator=emulator) as (_emu, device):
+        result = device_poll(device=device)
+
+    assert result.ok, result.error
+    assert (result.new, result.suspect) == (2, 1)
+    rows = {row.user_id: row for row in RawAttendance.objects.filter(device=device)}
+    assert set(rows) == {"1001", "uid:17"}
+    assert rows["uid:17"].is_suspect
+    assert rows["uid:17"].suspect_reason == "uid 17 matches no user on the device"
+    assert not rows["1001"].is_suspect
+    assert not RawAttendance.objects.filter(user_id="17").exists()
+
+
+def cyrillic_state() -> DeviceState:
+    state = state_with(day_punches(4))
+    state.users[0].name = "Иван Петров"
+    state.users[1].name = "Ольга Смирнова"
+    return state
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_names_of_a_cp1251_clock_are_read_right_with_the_device_set_to_cp1251(protocol):
+    emulator = {"encoding": "cp1251"}
+    with emulated(cyrillic_state(), protocol=protocol, encoding="cp1251", emulator=emulator) as (
+        _emu,
+        device,
+    ):
+        result = device_poll(device=device)
+    assert result.ok and result.warnings == []
+    names = dict(Employee.objects.values_list("user_id", "name"))
+    # UDP records hold 8 bytes of name, one byte a letter in cp1251.
+    expected = ("Иван Петров", "Ольга Смирнова") if protocol == "tcp" else ("Иван Пет", "Ольга См")
+    assert (names["1001"], names["1002"]) == expected
+
+
+def test_names_of_a_cp1251_clock_polled_as_utf8_are_reported_not_silently_garbled(capsys, caplog):
+    emulator = {"encoding": "cp1251"}
+    with emulated(cyrillic_state(), name="Kyiv", encoding="utf-8", emulator=emulator):
+        call_command("poll_devices")
+    out = capsys.readouterr().out
+    assert "Kyiv: 4 new" in out
+    assert "WARNING: 2 user name(s) are not valid utf-8" in out
+    assert "set the device's Encoding" in out
+    assert "not valid utf-8" in caplog.text
+    # Stored all the same, with replacement characters marking what could not be read.
+    assert all("\ufffd" in name for name in Employee.objects.values_list("name", flat=True))
 
 
 # --- Failures --------------------------------------------------------------------------

@@ -12,11 +12,12 @@ subclasses below, with a message that tells an operator what to check.
 from __future__ import annotations
 
 import datetime
+import logging
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from zk import ZK
@@ -25,6 +26,8 @@ from zk.base import ZK_helper
 from zk.exception import ZKError, ZKErrorResponse, ZKNetworkError
 
 from core.zk.protocol import USER_28, USER_72, split_time
+
+logger = logging.getLogger(__name__)
 
 # --- Errors ------------------------------------------------------------------------
 
@@ -71,23 +74,45 @@ class DeviceUser:
     password: str
     card: int
     group_id: str
+    # Why the name's bytes do not read as the device's encoding ("" when they do):
+    # the name is kept, with replacement characters, and the poll warns.
+    name_problem: str = ""
 
 
 class Punch(NamedTuple):
     """One attendance record as the device stores it.
 
-    `timestamp` is the device's naive local wall-clock time. The device's time
-    encoding gives every month 31 days, so a record can name a date that does
-    not exist (a corrupt or badly set clock): `bad_date` then says so and
-    `timestamp` holds the same number of days counted from the 1st of the month,
-    which keeps the record storable and unique.
+    `timestamp` is the device's naive local wall-clock time. `problem` says why
+    the record cannot be taken at face value, or is None:
+    - the device's time encoding gives every month 31 days, so a record can name
+      a date that does not exist (a corrupt or badly set clock); `timestamp` then
+      holds the same number of days counted from the 1st of the month, which
+      keeps the record storable and unique;
+    - an 8-byte record names only the device-internal uid; when no user on the
+      device has it, `user_id` is `uid:<n>`, which no employee's user id can be.
     """
 
     user_id: str
     timestamp: datetime.datetime
     status: int
     punch: int
-    bad_date: str | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceLog:
+    """What one read of a device's log brought back (DeviceClient.read_log).
+
+    `sizes` carries the user and record counts the buffers proved, which can be
+    higher than the counts read first when the device kept recording meanwhile.
+    `warnings` are for the operator: the read succeeded, but something needs
+    their attention (user names not valid in the device's encoding).
+    """
+
+    sizes: DeviceSizes
+    users: list[DeviceUser]
+    punches: list[Punch]
+    warnings: list[str] = field(default_factory=list)
 
 
 # --- Time decoding -------------------------------------------------------------------
@@ -122,12 +147,71 @@ ATTENDANCE_16 = struct.Struct("<IIBB6x")  # user_id (numeric), time, status, pun
 ATTENDANCE_8 = struct.Struct("<HBBI")  # uid, status, punch, time
 
 
+# Record sizes the bridge knows how to read. Longer attendance records are
+# newer firmware's: 49 bytes on SpeedFace devices (pyzk PR #166), whose first 40
+# bytes follow the 40-byte layout. A size is trusted only when the buffer holds
+# a whole number of records of one of these sizes for a count the device gave.
+ATTENDANCE_SIZES = (8, 16, 40, 49)
+USER_SIZES = (28, 72)
+
+
 def _text(raw: bytes, encoding: str) -> str:
     return raw.split(b"\x00", 1)[0].decode(encoding, errors="replace").strip()
 
 
-def _records(buffer: bytes, count: int, what: str) -> tuple[memoryview, int]:
-    """Splits a bulk buffer into its record area and the size of one record."""
+def _name(raw: bytes, encoding: str) -> tuple[str, str]:
+    """A user name in the device's encoding: (text, problem or "")."""
+    raw = raw.split(b"\x00", 1)[0]
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        # Clocks cut names to the field byte-wise: a character cut in two at the
+        # very end is the field's limit, not a wrong encoding.
+        cut = exc.reason in ("unexpected end of data", "incomplete multibyte sequence")
+        if not cut or exc.end != len(raw) or exc.start == 0:
+            return raw.decode(encoding, errors="replace").strip(), f"not valid {encoding}"
+        try:
+            text = raw[: exc.start].decode(encoding)
+        except UnicodeDecodeError:
+            return raw.decode(encoding, errors="replace").strip(), f"not valid {encoding}"
+    if encoding != "utf-8" and not raw.isascii():
+        # A single-byte code page reads any bytes: UTF-8 names would come out
+        # garbled without an error. Real names in those code pages are almost
+        # never valid UTF-8 as well.
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            return text.strip(), "valid UTF-8"
+    return text.strip(), ""
+
+
+def name_warnings(users: Iterable[DeviceUser], *, encoding: str) -> list[str]:
+    """The operator's warnings about names that did not read as `encoding`."""
+    invalid = [u for u in users if u.name_problem.startswith("not valid")]
+    utf8 = [u for u in users if u.name_problem == "valid UTF-8"]
+    warnings = []
+    if invalid:
+        example = invalid[0]
+        warnings.append(
+            f"{len(invalid)} user name(s) are not valid {encoding} and were stored with "
+            f"replacement characters (user {example.user_id}: {example.name!r}): set the "
+            "device's Encoding to the code page the clock writes names in (for example "
+            "cp1251 for Cyrillic, cp1250 for Central European, cp1252 for Western European)"
+        )
+    if utf8:
+        example = utf8[0]
+        warnings.append(
+            f"{len(utf8)} user name(s) read as {encoding} look like UTF-8 (user "
+            f"{example.user_id}: {example.name!r}): set the device's Encoding to UTF-8 if "
+            "the names look garbled"
+        )
+    return warnings
+
+
+def _body(buffer: bytes, what: str) -> memoryview:
+    """The record area of a bulk buffer (after its u32 total), checked complete."""
     if len(buffer) < 4:
         raise DeviceProtocolError(f"the device sent a {what} buffer of {len(buffer)} bytes")
     (total,) = struct.unpack_from("<I", buffer)
@@ -137,16 +221,72 @@ def _records(buffer: bytes, count: int, what: str) -> tuple[memoryview, int]:
             f"the device announced {total} bytes of {what} but sent {len(body)}; "
             "the transfer was cut short, try again"
         )
-    if count <= 0 or total % count:
+    return body
+
+
+def _records(buffer: bytes, count: int, what: str) -> tuple[memoryview, int]:
+    """Splits a bulk buffer into its record area and the size of one record."""
+    body = _body(buffer, what)
+    if count <= 0 or len(body) % count:
         raise DeviceProtocolError(
-            f"the device reports {count} {what} but sent {total} bytes, which is not a whole "
-            "number of records; its firmware may use a layout this bridge does not know"
+            f"the device reports {count} {what} but sent {len(body)} bytes, which is not a "
+            "whole number of records; its firmware may use a layout this bridge does not know"
         )
-    return body, total // count
+    return body, len(body) // count
+
+
+def record_counts(total: int, *, low: int, high: int, sizes: Iterable[int]) -> list[int]:
+    """The record counts from `low` to `high` at which `total` bytes are whole
+    records of one of the known `sizes`, one per size that fits."""
+    if total == 0:
+        return [0] if low == 0 else []
+    return [total // size for size in sizes if total % size == 0 and low <= total // size <= high]
+
+
+def proven_count(
+    buffer: bytes, *, before: int, read_after: Callable[[], int], sizes: Iterable[int], what: str
+) -> int:
+    """The number of records in a bulk buffer, proven by a count the device gave.
+
+    `before` (the count read before the buffer) proves it when the buffer is a
+    whole number of records of one of the known `sizes` at that count.
+    Otherwise the device recorded meanwhile: `read_after()` reads the count
+    again, and the buffer must be whole records of exactly one known size for a
+    count between the two (a log only grows while it is read). Anything else is
+    a DeviceProtocolError naming the bytes, the counts and the sizes tried.
+    """
+    if not buffer:
+        return 0
+    sizes = tuple(sizes)
+    total = len(_body(buffer, what))
+    counts = record_counts(total, low=before, high=before, sizes=sizes)
+    if counts:
+        return counts[0]
+    after = read_after()
+    # A count that went down means the log was cleared meanwhile: then only the
+    # new count itself can prove the buffer.
+    counts = record_counts(total, low=before if before <= after else after, high=after, sizes=sizes)
+    if len(counts) == 1:
+        return counts[0]
+    seen = str(before) if before == after else f"{before} before the read and {after} after"
+    if counts:
+        fits = "it fits " + " and ".join(f"{c} records of {total // c} bytes" for c in counts)
+    else:
+        fits = "it fits none"
+    raise DeviceProtocolError(
+        f"the device sent {total} bytes of {what} while reporting {seen}; at the record sizes "
+        f"this bridge knows ({', '.join(map(str, sizes))} bytes) {fits}, so nothing was "
+        "stored. It may have recorded during the read (poll again), or its firmware uses a "
+        "layout this bridge does not know"
+    )
 
 
 def decode_users(buffer: bytes, count: int, *, encoding: str = "utf-8") -> list[DeviceUser]:
-    """Decodes a user table buffer (28-byte ZK6 or 72-byte ZK8 records)."""
+    """Decodes a user table buffer (28-byte ZK6 or 72-byte ZK8 records).
+
+    Names are read strictly in `encoding`; one that is not valid in it keeps
+    replacement characters and says so in `name_problem` (see name_warnings).
+    """
     if count == 0:
         return []
     body, size = _records(buffer, count, "users")
@@ -155,28 +295,32 @@ def decode_users(buffer: bytes, count: int, *, encoding: str = "utf-8") -> list[
         for uid, privilege, password, name, card, group_id, _tz, user_id in USER_28.iter_unpack(
             body
         ):
+            text, problem = _name(name, encoding)
             users.append(
                 DeviceUser(
                     uid=uid,
                     user_id=str(user_id),
-                    name=_text(name, encoding),
+                    name=text,
                     privilege=privilege,
                     password=_text(password, encoding),
                     card=card,
                     group_id=str(group_id),
+                    name_problem=problem,
                 )
             )
     elif size == 72:
         for uid, privilege, password, name, card, group_id, user_id in USER_72.iter_unpack(body):
+            text, problem = _name(name, encoding)
             users.append(
                 DeviceUser(
                     uid=uid,
                     user_id=_text(user_id, encoding),
-                    name=_text(name, encoding),
+                    name=text,
                     privilege=privilege,
                     password=_text(password, encoding),
                     card=card,
                     group_id=_text(group_id, encoding),
+                    name_problem=problem,
                 )
             )
     else:
@@ -193,14 +337,19 @@ def decode_attendance(
 ) -> list[Punch]:
     """Decodes an attendance log buffer into Punch tuples, in device order.
 
-    Handles 8-, 16- and 40-byte records and the longer records of newer
-    firmware (for example 49 bytes on SpeedFace devices), whose first 40 bytes
-    follow the 40-byte layout. 8-byte records carry only the device-internal
-    uid; `user_ids_by_uid` maps it to the user id shown on the device.
+    Handles 8-, 16-, 40- and 49-byte records (ATTENDANCE_SIZES); any other
+    size is a DeviceProtocolError. 8-byte records carry only the device-internal
+    uid; `user_ids_by_uid` maps it to the user id shown on the device, and a uid
+    it does not hold becomes the user id `uid:<n>` with a problem saying so.
     """
     if count == 0:
         return []
     body, size = _records(buffer, count, "attendance records")
+    if size not in ATTENDANCE_SIZES:
+        raise DeviceProtocolError(
+            f"unknown attendance record size {size} bytes (expected "
+            f"{', '.join(map(str, ATTENDANCE_SIZES))}): {count} records in {len(body)} bytes"
+        )
 
     # A log holds a few hundred user ids and a few hundred days, so each user id
     # and each day is decoded once; a time is its day's midnight plus seconds.
@@ -232,15 +381,18 @@ def decode_attendance(
         for number, value, status, punch in ATTENDANCE_16.iter_unpack(body):
             moment, problem = when(value)
             append(Punch(str(number), moment, status, punch, problem))
-    elif size == 8:
+    else:
         mapping = user_ids_by_uid or {}
         for uid, status, punch, value in ATTENDANCE_8.iter_unpack(body):
             moment, problem = when(value)
-            append(Punch(mapping.get(uid, str(uid)), moment, status, punch, problem))
-    else:
-        raise DeviceProtocolError(
-            f"unknown attendance record size {size} bytes (expected 8, 16, 40 or more)"
-        )
+            user_id = mapping.get(uid)
+            if user_id is None:
+                # Never the bare number: it would credit the punch to whoever has
+                # that user id, a different person from the uid's owner.
+                user_id = f"uid:{uid}"
+                unknown = f"uid {uid} matches no user on the device"
+                problem = f"{problem}; {unknown}" if problem else unknown
+            append(Punch(user_id, moment, status, punch, problem))
     return punches
 
 
@@ -295,8 +447,7 @@ class DeviceClient:
     """A connection to one device. Use as a context manager.
 
         with DeviceClient(host="10.0.0.5", port=4370, protocol="tcp") as client:
-            sizes = client.read_sizes()
-            punches = client.read_attendance(sizes=sizes)
+            log = client.read_log()  # log.users, log.punches
 
     Raises DeviceError subclasses only.
     """
@@ -404,30 +555,118 @@ class DeviceClient:
         with self._errors("setting the clock"):
             zk.set_time(moment)
 
-    def read_users(self, *, sizes: DeviceSizes | None = None) -> list[DeviceUser]:
-        zk = self._connected()
-        sizes = sizes or self.read_sizes()
-        if sizes.users == 0:
-            return []
-        with self._errors("downloading the user list"):
-            buffer, _ = zk.read_with_buffer(zk_const.CMD_USERTEMP_RRQ, zk_const.FCT_USER)
-        return decode_users(buffer, sizes.users, encoding=self.encoding)
+    def read_log(self) -> DeviceLog:
+        """Reads the user list and the whole attendance log, the way clocks are
+        meant to be read: disabled for the read, enabled again whatever happens.
 
-    def read_attendance(
-        self, *, sizes: DeviceSizes | None = None, users: list[DeviceUser] | None = None
-    ) -> list[Punch]:
-        """Downloads and decodes the whole attendance log (devices cannot filter it)."""
+        A disabled clock takes no punches, so its counts and its log agree; on
+        firmware that keeps recording anyway, the buffers are decoded only at a
+        record size that a count read in this session proves (proven_count).
+        If the read fails, the device is enabled on this connection when it is
+        still in step, else on a fresh one (bounded by the timeout); a device
+        that cannot be enabled again is logged and named in the error.
+
+        Raises DeviceError subclasses; nothing is returned from a failed read.
+        """
         zk = self._connected()
-        sizes = sizes or self.read_sizes()
-        if sizes.records == 0:
-            return []
-        with self._errors("downloading the attendance log"):
+        try:
+            with self._errors("disabling the device for the read"):
+                zk.disable_device()
+            log = self._read_disabled()
+        except BaseException as exc:
+            problem = self._enable_after(exc)
+            if problem and isinstance(exc, DeviceError):
+                raise type(exc)(f"{exc}. Also, {problem}") from exc
+            raise
+        problem = self._enable_after(None)
+        if problem:
+            raise DeviceError(f"the log of {self.address} was read, but {problem}")
+        return log
+
+    def _read_disabled(self) -> DeviceLog:
+        first = self.read_sizes()
+        users_buffer = attendance_buffer = b""
+        if first.users:
+            users_buffer = self._bulk(
+                zk_const.CMD_USERTEMP_RRQ, zk_const.FCT_USER, "downloading the user list"
+            )
+        if first.records:
             # fct 0, not FCT_ATTLOG: that is what devices and every client send.
-            buffer, _ = zk.read_with_buffer(zk_const.CMD_ATTLOG_RRQ, 0)
-        by_uid = {user.uid: user.user_id for user in users} if users else None
-        return decode_attendance(
-            buffer, sizes.records, user_ids_by_uid=by_uid, encoding=self.encoding
+            attendance_buffer = self._bulk(
+                zk_const.CMD_ATTLOG_RRQ, 0, "downloading the attendance log"
+            )
+        later: list[DeviceSizes] = []
+
+        def counts_after() -> DeviceSizes:
+            # Read at most once, and only when a buffer does not fit the first counts.
+            if not later:
+                later.append(self.read_sizes())
+            return later[0]
+
+        user_count = proven_count(
+            users_buffer,
+            before=first.users,
+            read_after=lambda: counts_after().users,
+            sizes=USER_SIZES,
+            what="users",
         )
+        record_count = proven_count(
+            attendance_buffer,
+            before=first.records,
+            read_after=lambda: counts_after().records,
+            sizes=ATTENDANCE_SIZES,
+            what="attendance records",
+        )
+        users = decode_users(users_buffer, user_count, encoding=self.encoding)
+        punches = decode_attendance(
+            attendance_buffer,
+            record_count,
+            user_ids_by_uid={user.uid: user.user_id for user in users},
+            encoding=self.encoding,
+        )
+        return DeviceLog(
+            sizes=replace(first, users=user_count, records=record_count),
+            users=users,
+            punches=punches,
+            warnings=name_warnings(users, encoding=self.encoding),
+        )
+
+    def _bulk(self, command: int, fct: int, action: str) -> bytes:
+        zk = self._connected()
+        with self._errors(action):
+            buffer, _ = zk.read_with_buffer(command, fct)
+        return buffer
+
+    def _enable_after(self, failure: BaseException | None) -> str:
+        """Enables the device after a read; "" when done, else what went wrong."""
+        zk = self._zk
+        in_step = failure is None or (
+            isinstance(failure, DeviceError)
+            and (failure.__cause__ is None or isinstance(failure.__cause__, ZKErrorResponse))
+        )
+        if zk is not None and in_step:
+            try:
+                with self._errors("enabling the device again"):
+                    zk.enable_device()
+                return ""
+            except DeviceError as exc:
+                logger.warning("Could not enable %s on the same connection: %s", self.address, exc)
+        # The connection was cut, hung or is out of step (a reply may still be
+        # on its way): a fresh one, only to enable the device.
+        if zk is not None:
+            self._close_socket(zk)
+            self._zk = None
+        try:
+            self.connect()
+            with self._errors("enabling the device again"):
+                self._connected().enable_device()
+            return ""
+        except DeviceError as exc:
+            logger.error("Device %s may be left disabled: %s", self.address, exc)
+            return (
+                f"the device could not be enabled again ({exc}): it takes no punches "
+                "until it is; poll it again or restart it"
+            )
 
     # -- internals --
 

@@ -14,6 +14,7 @@ UDP peer, one thread accepting, one reading UDP, one making live punches.
 """
 
 import array
+import codecs
 import json
 import logging
 import queue
@@ -176,13 +177,15 @@ def _timehex(t: datetime) -> bytes:
     return bytes((t.year - 2000, t.month, t.day, t.hour, t.minute, t.second))
 
 
-def _fit(text: str, size: int) -> bytes:
-    """UTF-8 text cut to `size` bytes without splitting a character."""
-    return text.encode()[:size].decode(errors="ignore").encode()
+def _fit(text: str, size: int, encoding: str = "utf-8") -> bytes:
+    """Text in `encoding` cut to `size` bytes without splitting a character; a
+    character the encoding lacks becomes "?", as on a clock's keypad."""
+    cut = text.encode(encoding, errors="replace")[:size]
+    return cut.decode(encoding, errors="ignore").encode(encoding)
 
 
-def _cstr(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode(errors="ignore")
+def _cstr(raw: bytes, encoding: str = "utf-8") -> str:
+    return raw.split(b"\0", 1)[0].decode(encoding, errors="ignore")
 
 
 def _numeric_id(user_id: str, fallback: int) -> int:
@@ -666,6 +669,12 @@ def _template_from_dict(item, where: str) -> FingerTemplate:
 _USER72 = struct.Struct("<HB8s24sIB7sx24s")
 _ATT40 = struct.Struct("<H24sBIB8s")
 _ATT16 = struct.Struct("<IIBB2sI")
+# ZEM500/MA300: uid, status, punch, time, the layout captures from real devices
+# show (pyzk issues #56, #92, #99); pyzk itself reads the time one byte early.
+_ATT8 = struct.Struct("<HBBI")
+# SpeedFace firmware: the 40-byte layout and 9 more bytes (pyzk PR #166).
+_ATT49_TAIL = bytes(9)
+RECORD_SIZES = (8, 16, 40, 49)
 # zk-protocol data-record.md shows these eight trailing bytes on real records.
 _ATT40_TAIL = b"\0\0\0\0\xff\0\0\0"
 _TEMPLATE_HEAD = struct.Struct("<HHbb")
@@ -678,14 +687,14 @@ def _with_size(body: bytes) -> bytes:
     return struct.pack("<I", len(body)) + body
 
 
-def _users_blob(users: list[UserRecord], tcp: bool) -> bytes:
+def _users_blob(users: list[UserRecord], tcp: bool, encoding: str = "utf-8") -> bytes:
     if tcp:
         body = b"".join(
             _USER72.pack(
                 u.uid,
                 u.privilege,
                 _fit(u.password, 8),
-                _fit(u.name, 24),
+                _fit(u.name, 24, encoding),
                 u.card,
                 1,  # zk-protocol: a fixed 01 after the card on real records
                 _fit(u.group_id, 7),
@@ -699,7 +708,7 @@ def _users_blob(users: list[UserRecord], tcp: bool) -> bytes:
                 u.uid,
                 u.privilege,
                 _fit(u.password, 5),
-                _fit(u.name, 8),
+                _fit(u.name, 8, encoding),
                 u.card,
                 int(u.group_id) if u.group_id.isdigit() and int(u.group_id) < 256 else 0,
                 0,
@@ -710,10 +719,11 @@ def _users_blob(users: list[UserRecord], tcp: bool) -> bytes:
     return _with_size(body)
 
 
-def _attendance_blob(records: list[AttendanceRecord], users: list[UserRecord], tcp: bool) -> bytes:
+def _attendance_blob(records: list[AttendanceRecord], users: list[UserRecord], size: int) -> bytes:
     uids = {u.user_id: u.uid for u in users}
-    if tcp:
+    if size in (40, 49):
         encoded_ids = {user_id: _fit(user_id, 24) for user_id in {r.user_id for r in records}}
+        tail = b"" if size == 40 else _ATT49_TAIL
         body = b"".join(
             _ATT40.pack(
                 uids.get(r.user_id, 0),
@@ -722,6 +732,19 @@ def _attendance_blob(records: list[AttendanceRecord], users: list[UserRecord], t
                 encode_time(r.timestamp),
                 r.punch,
                 _ATT40_TAIL,
+            )
+            + tail
+            for r in records
+        )
+    elif size == 8:
+        # Only the uid: a record whose user id names no user on the clock (a
+        # deleted user) carries that id as its uid when it fits in 16 bits.
+        body = b"".join(
+            _ATT8.pack(
+                uids.get(r.user_id, _numeric_id(r.user_id, 0) & 0xFFFF),
+                r.status,
+                r.punch,
+                encode_time(r.timestamp),
             )
             for r in records
         )
@@ -748,7 +771,7 @@ def _templates_blob(templates: list[FingerTemplate]) -> bytes:
     return _with_size(body)
 
 
-def _user_from_wire(payload: bytes) -> UserRecord:
+def _user_from_wire(payload: bytes, encoding: str = "utf-8") -> UserRecord:
     # pyzk sends 72-byte records over TCP but 28-byte ones over UDP until its
     # first get_users(), so the length decides, not the transport (§4.1).
     if len(payload) >= USER_72.size:
@@ -756,7 +779,7 @@ def _user_from_wire(payload: bytes) -> UserRecord:
         return UserRecord(
             uid=uid,
             user_id=_cstr(user_id) or str(uid),
-            name=_cstr(name).strip(),
+            name=_cstr(name, encoding).strip(),
             privilege=privilege,
             password=_cstr(password),
             card=card,
@@ -766,7 +789,7 @@ def _user_from_wire(payload: bytes) -> UserRecord:
     return UserRecord(
         uid=uid,
         user_id=str(user_id or uid),
-        name=_cstr(name).strip(),
+        name=_cstr(name, encoding).strip(),
         privilege=privilege,
         password=_cstr(password),
         card=card,
@@ -774,7 +797,9 @@ def _user_from_wire(payload: bytes) -> UserRecord:
     )
 
 
-def _parse_upload(buffer: bytes, tcp: bool) -> tuple[list[UserRecord], list[FingerTemplate]]:
+def _parse_upload(
+    buffer: bytes, tcp: bool, encoding: str = "utf-8"
+) -> tuple[list[UserRecord], list[FingerTemplate]]:
     """The users + fingerprint table + templates buffer of save_user_template (§2.5).
 
     Raises ValueError (or struct.error) when the buffer does not add up.
@@ -790,7 +815,9 @@ def _parse_upload(buffer: bytes, tcp: bool) -> tuple[list[UserRecord], list[Fing
         raise ValueError("odd section sizes")
     # Each user record is a 0x02 flag byte followed by the USER_WRQ layout.
     size = 73 if fits73 and (tcp or not fits29) else 29
-    users = [_user_from_wire(users_part[i + 1 : i + size]) for i in range(0, users_len, size)]
+    users = [
+        _user_from_wire(users_part[i + 1 : i + size], encoding) for i in range(0, users_len, size)
+    ]
     templates = []
     for _flag, uid, finger_flag, offset in _UPLOAD_TABLE.iter_unpack(table):
         (size,) = struct.unpack_from("<H", fingers, offset)
@@ -971,16 +998,16 @@ class _Session:
         self.closing = True
 
     def _on_enable(self, payload: bytes) -> None:
-        self._emu.enabled = True
+        self._emu._set_enabled(True, "enable")
         self._ok()
 
     def _on_disable(self, payload: bytes) -> None:
-        self._emu.enabled = False
+        self._emu._set_enabled(False, "disable")
         self._ok()
 
     def _on_restart(self, payload: bytes) -> None:
         # The clock reboots: it drops this connection and comes back enabled.
-        self._emu.enabled = True
+        self._emu._set_enabled(True, "restart")
         self._ok()
         self.closing = True
 
@@ -1052,6 +1079,9 @@ class _Session:
             finger_cap - fingers, user_cap - users, record_cap - records,
             0, 0, 0,  # faces, -, face capacity
         )  # fmt: skip
+        # punch_during_read: someone punches just after the counts were taken
+        # (before they are sent, so it is done before the client reads them).
+        self._emu._someone_punches()
         self._ok(struct.pack("<23i", *fields))
 
     def _on_get_time(self, payload: bytes) -> None:
@@ -1070,7 +1100,7 @@ class _Session:
         if len(payload) < USER_28.size:
             self._error()
             return
-        self._emu.state.upsert_user(_user_from_wire(payload))
+        self._emu.state.upsert_user(_user_from_wire(payload, self._emu.encoding))
         self._ok()
 
     def _on_delete_user(self, payload: bytes) -> None:
@@ -1151,9 +1181,11 @@ class _Session:
         state = self._emu.state
         with state.lock:
             if table == "users":
-                blob = _users_blob(state.users, self.tcp)
+                blob = _users_blob(state.users, self.tcp, self._emu.encoding)
             elif table == "attendance":
-                blob = _attendance_blob(state.attendance, state.users, self.tcp)
+                blob = _attendance_blob(
+                    state.attendance, state.users, self._emu.record_size(self.tcp)
+                )
             else:
                 blob = _templates_blob(state.templates)
         if self.tcp and not self._emu.chunked:
@@ -1174,6 +1206,9 @@ class _Session:
             self._error()
             return
         self._send_in_pieces(self._buffer[start : start + size])
+        if start + size < len(self._buffer):
+            # punch_during_read: someone punches between two chunks of a bulk read.
+            self._emu._someone_punches()
 
     def _on_get_template(self, payload: bytes) -> None:
         if len(payload) < 3:
@@ -1211,7 +1246,7 @@ class _Session:
             self._error()
             return
         try:
-            users, templates = _parse_upload(bytes(self._upload), self.tcp)
+            users, templates = _parse_upload(bytes(self._upload), self.tcp, self._emu.encoding)
         except (ValueError, struct.error) as exc:
             logger.debug("%s: rejected an upload: %s", self.label, exc)
             self._error()
@@ -1313,13 +1348,22 @@ class _TcpFrames:
 class ZKEmulator:
     """Serves a DeviceState over TCP and UDP on one port until stop().
 
-    `comm_key` None uses the state's key. Faults: `drop_after_bytes` resets a TCP
-    connection once that many bytes were sent on it, `stall_after_bytes` stops
-    sending there but keeps the connection open (a hung device), `delay_ms` sleeps before
-    every reply, `silent` reads everything and answers nothing. `live_interval`
-    seconds: while a client has registered for attendance events (and the
-    device is enabled), a random user punches that often. `clock_offset`
-    seconds is added to this computer's clock to make the device clock.
+    `comm_key` None uses the state's key. `encoding` is the code page user
+    names are stored in (UTF-8 on current firmware). `record_size` picks the
+    attendance record layout (8, 16, 40 or 49 bytes) on both transports; None
+    serves 40 over TCP and 16 over UDP.
+
+    Faults: `drop_after_bytes` resets a TCP connection once that many bytes were
+    sent on it, `stall_after_bytes` stops sending there but keeps the connection
+    open (a hung device), `delay_ms` sleeps before every reply, `silent` reads
+    everything and answers nothing. `punch_during_read`: someone punches right
+    after each GET_FREE_SIZES reply and between the 1504 chunks of a bulk read;
+    while the clock is disabled the punch is refused and made again the moment
+    it is enabled, unless `ignore_disable` (firmware that records while
+    disabled). `live_interval` seconds: while a client has registered for
+    attendance events (and the device is enabled), a random user punches that
+    often. `clock_offset` seconds is added to this computer's clock to make the
+    device clock.
     """
 
     def __init__(
@@ -1335,8 +1379,25 @@ class ZKEmulator:
         silent: bool = False,
         live_interval: float | None = None,
         clock_offset: float = 0.0,
+        encoding: str = "utf-8",
+        record_size: int | None = None,
+        punch_during_read: bool = False,
+        ignore_disable: bool = False,
     ):
         self.state = state
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"encoding: unknown encoding {encoding!r}") from None
+        self.encoding = encoding
+        if record_size is not None and record_size not in RECORD_SIZES:
+            raise ValueError(
+                f"record_size: expected one of {', '.join(map(str, RECORD_SIZES))}, "
+                f"got {record_size!r}"
+            )
+        self._record_size = record_size
+        self.punch_during_read = punch_during_read
+        self.ignore_disable = ignore_disable
         self._host = host
         self._requested_port = _check_int(port, 0, 65535, "port")
         self.comm_key = _check_int(
@@ -1364,6 +1425,13 @@ class ZKEmulator:
         if not 2000 <= year <= 2099:
             raise ValueError("clock_offset: the device clock must stay within 2000-2099")
         self.enabled = True
+        # "disable", "enable", "restart" as clients send them, oldest first.
+        self.enable_log: list[str] = []
+        # punch_during_read: punches made (in the log) and refused while disabled.
+        self.punches_during_read = 0
+        self._waiting: list[str] = []
+        self._next_reader_punch = 0
+        self._last_reader_punch: datetime | None = None
         self._door_unlocked_until = 0.0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -1520,6 +1588,49 @@ class ZKEmulator:
         for session in sessions:
             session.queue_event(record)
         return record
+
+    def record_size(self, tcp: bool) -> int:
+        """The attendance record size served over TCP (`tcp`) or UDP."""
+        return self._record_size or (40 if tcp else 16)
+
+    def waiting_punches(self) -> int:
+        """punch_during_read punches refused while disabled, made at the next enable."""
+        with self._lock:
+            return len(self._waiting)
+
+    def _set_enabled(self, enabled: bool, command: str) -> None:
+        with self._lock:
+            self.enabled = enabled
+            self.enable_log.append(command)
+            waiting, self._waiting = (self._waiting, []) if enabled else ([], self._waiting)
+        for user_id in waiting:
+            # They punched while the clock was locked and punch again now.
+            self._reader_punch(user_id)
+
+    def _someone_punches(self) -> None:
+        if not self.punch_during_read:
+            return
+        with self.state.lock:
+            users = list(self.state.users)
+        if not users:
+            return
+        with self._lock:
+            user = users[self._next_reader_punch % len(users)]
+            self._next_reader_punch += 1
+            if not (self.enabled or self.ignore_disable):
+                self._waiting.append(user.user_id)
+                return
+        self._reader_punch(user.user_id)
+
+    def _reader_punch(self, user_id: str) -> None:
+        # A second apart at least, so no two of them are the same punch.
+        moment = self.device_now()
+        with self._lock:
+            if self._last_reader_punch is not None and moment <= self._last_reader_punch:
+                moment = self._last_reader_punch + timedelta(seconds=1)
+            self._last_reader_punch = moment
+            self.punches_during_read += 1
+        self.push_punch(user_id, moment)
 
     def event_listeners(self) -> int:
         """How many clients are registered for attendance events right now."""

@@ -73,6 +73,17 @@ class Command(BaseCommand):
             help="Over TCP, answer bulk reads in 1504 chunks like a real clock.",
         )
         parser.add_argument(
+            "--encoding",
+            default="utf-8",
+            help="Code page user names are stored in (default utf-8; e.g. cp1251).",
+        )
+        parser.add_argument(
+            "--record-size",
+            type=int,
+            choices=(8, 16, 40, 49),
+            help="Attendance record size on both transports (default: 40 TCP, 16 UDP).",
+        )
+        parser.add_argument(
             "--clock-offset",
             type=float,
             default=0.0,
@@ -104,6 +115,17 @@ class Command(BaseCommand):
         parser.add_argument(
             "--silent", action="store_true", help="Fault: accept connections, never answer."
         )
+        parser.add_argument(
+            "--punch-during-read",
+            action="store_true",
+            help="Fault: someone punches after every record-count read and between the "
+            "chunks of a bulk read (while disabled: at the next enable).",
+        )
+        parser.add_argument(
+            "--ignore-disable",
+            action="store_true",
+            help="With --punch-during-read: the clock records punches even while disabled.",
+        )
 
     def handle(self, *args, **options):
         state = build_state(
@@ -129,6 +151,10 @@ class Command(BaseCommand):
                 silent=options["silent"],
                 live_interval=options["live_interval"],
                 clock_offset=options["clock_offset"],
+                encoding=options["encoding"],
+                record_size=options["record_size"],
+                punch_during_read=options["punch_during_read"],
+                ignore_disable=options["ignore_disable"],
             )
         except ValueError as exc:
             raise CommandError(f"Bad option: {exc}.") from exc
@@ -171,8 +197,15 @@ class Command(BaseCommand):
             f"templates; comm key {emulator.comm_key or 'none (0)'}"
         )
         bulk = "1504 chunks (--chunked)" if emulator.chunked else "one DATA frame per table"
-        write(f"  TCP: 72-byte users, 40-byte records, bulk reads in {bulk}")
-        write("  UDP: 28-byte users, 16-byte records, bulk reads in 1504 chunks")
+        write(
+            f"  TCP: 72-byte users, {emulator.record_size(True)}-byte records, bulk reads in {bulk}"
+        )
+        write(
+            f"  UDP: 28-byte users, {emulator.record_size(False)}-byte records, "
+            "bulk reads in 1504 chunks"
+        )
+        if emulator.encoding != "utf-8":
+            write(f"  user names in {emulator.encoding}")
         if options["live_interval"]:
             write(f"  live punches every {options['live_interval']} s while a client listens")
         faults = [
@@ -184,6 +217,10 @@ class Command(BaseCommand):
             else "",
             f"{emulator.delay_ms:g} ms delay" if emulator.delay_ms else "",
             "silent" if emulator.silent else "",
+            "punches during reads"
+            + (" (recorded while disabled)" if emulator.ignore_disable else "")
+            if emulator.punch_during_read
+            else "",
         ]
         if any(faults):
             write(f"  faults: {', '.join(f for f in faults if f)}")
