@@ -11,8 +11,9 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
+from core.crm import crm_resend, crm_reset_failed
 from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
-from core.models import Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import DeliveryLog, Device, Employee, ProcessedAttendance, RawAttendance
 from core.processing import (
     attendance_discard_edits,
     attendance_edit,
@@ -608,6 +609,8 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
         "notes",
         "version",
         "sync_state",
+        "sync_attempts",
+        "delivery_error",
     ]
     list_filter = [
         ("work_date", WorkDateRangeFilter),
@@ -622,7 +625,7 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
     search_fields = ["=user_id", "employee__name"]
     list_select_related = ["employee", "clock_in_device", "clock_out_device"]
     show_full_result_count = False  # COUNT(*) over years of days on every page
-    actions = ["recompute", "mark_reviewed", "discard_edits"]
+    actions = ["recompute", "mark_reviewed", "discard_edits", "resend", "reset_failed"]
     fieldsets = [
         (None, {"fields": ["user_id", "employee", "work_date"]}),
         (
@@ -657,6 +660,8 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
                     ("version", "synced_version", "sync_state"),
                     ("sync_attempts", "last_sync_attempt", "next_sync_at"),
                     "last_sync_error",
+                    ("crm_status", "crm_response"),
+                    ("delivery_key", "delivery_version", "delivery_lease_until"),
                     ("created_at", "updated_at"),
                 ]
             },
@@ -686,6 +691,11 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
         "last_sync_attempt",
         "next_sync_at",
         "last_sync_error",
+        "crm_status",
+        "crm_response",
+        "delivery_key",
+        "delivery_version",
+        "delivery_lease_until",
         "created_at",
         "updated_at",
     ]
@@ -770,3 +780,67 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
     def discard_edits(self, request, queryset):
         result = attendance_discard_edits(ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Edits discarded: {result.summary()}", messages.SUCCESS)
+
+    @admin.display(description="delivery error")
+    def delivery_error(self, row):
+        return row.last_sync_error[:80]
+
+    def has_resend_processedattendance_permission(self, request):
+        return request.user.has_perm("core.resend_processedattendance")
+
+    def has_reset_failed_processedattendance_permission(self, request):
+        return request.user.has_perm("core.reset_failed_processedattendance")
+
+    @admin.action(description="Resend to the CRM", permissions=["resend_processedattendance"])
+    def resend(self, request, queryset):
+        count = crm_resend(ids=queryset.values_list("pk", flat=True))
+        self.message_user(
+            request,
+            f"{count} day(s) due for delivery again; the next sync_to_crm run sends them.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(
+        description="Reset failed deliveries (send at the next run)",
+        permissions=["reset_failed_processedattendance"],
+    )
+    def reset_failed(self, request, queryset):
+        count = crm_reset_failed(ids=queryset.values_list("pk", flat=True))
+        self.message_user(
+            request,
+            f"{count} failed day(s) due for delivery again; the next sync_to_crm run sends "
+            "them. Days that had not failed were left as they were.",
+            messages.SUCCESS,
+        )
+
+
+@admin.register(DeliveryLog)
+class DeliveryLogAdmin(admin.ModelAdmin):
+    """Every request to the CRM and its answer: did the CRM get it, and what did it say?"""
+
+    list_display = [
+        "created_at",
+        "records",
+        "status_code",
+        "outcome",
+        "duration_ms",
+        "attempt",
+        "short_answer",
+    ]
+    list_filter = ["outcome", "status_code"]
+    search_fields = ["=idempotency_key", "external_ids"]
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+
+    @admin.display(description="answer")
+    def short_answer(self, entry):
+        return (entry.error or entry.response_excerpt)[:100]
+
+    def has_add_permission(self, request):
+        return False  # written by core.crm only
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # kept DELIVERY_LOG_DAYS, then dropped by the sync run

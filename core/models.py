@@ -323,12 +323,13 @@ class ProcessedAttendance(models.Model):
     next_sync_at = models.DateTimeField(null=True, blank=True)
     # The CRM's own answer to this record when it refused it alone (rejected).
     crm_status = models.PositiveSmallIntegerField("CRM status", null=True, blank=True)
-    crm_response = models.TextField("CRM response", blank=True, db_default="")
+    crm_response = models.TextField("CRM response", blank=True, default="", db_default="")
     # A batch in flight: its idempotency key, the version it carries and how
     # long the run that claimed it owns it. A run that dies leaves them set;
     # once the lease is over, the next run sends the same batch under the same
-    # key (core.crm). db_default: processing writes new rows with COPY.
-    delivery_key = models.CharField(max_length=64, blank=True, db_default="")
+    # key (core.crm). Both defaults: processing writes new rows with COPY,
+    # naming every column with its model default.
+    delivery_key = models.CharField(max_length=64, blank=True, default="", db_default="")
     delivery_version = models.PositiveIntegerField(null=True, blank=True)
     delivery_lease_until = models.DateTimeField(null=True, blank=True)
 

@@ -275,6 +275,8 @@ ACTIONS = [
     ("processedattendance", "recompute", "core.change_processedattendance"),
     ("processedattendance", "mark_reviewed", "core.change_processedattendance"),
     ("processedattendance", "discard_edits", "core.change_processedattendance"),
+    ("processedattendance", "resend", "core.resend_processedattendance"),
+    ("processedattendance", "reset_failed", "core.reset_failed_processedattendance"),
 ]
 DEVICE_PERMISSIONS = [
     "core.change_device",
@@ -635,3 +637,106 @@ def test_a_crafted_verdict_without_the_judge_permission_changes_nothing(
         assert response.status_code == 200
         assert 'name="reason"' not in response.content.decode()
     assert list(RawAttendance.objects.values().order_by("pk")) == before
+
+
+# --- Delivery to the CRM -------------------------------------------------------------------
+
+CRM_ACTIONS = [
+    ("resend", "core.resend_processedattendance", "synced"),
+    ("reset_failed", "core.reset_failed_processedattendance", "failed"),
+]
+
+
+@pytest.mark.parametrize("action, perm, state", CRM_ACTIONS)
+@pytest.mark.parametrize("holder", ["view only", "change", "the other delivery permission"])
+def test_a_crafted_delivery_action_without_its_permission_changes_nothing(
+    staff_client, worked_day, action, perm, state, holder
+):
+    ProcessedAttendance.objects.filter(pk=worked_day.pk).update(
+        sync_state=state, synced_version=1, sync_attempts=4, last_sync_error="HTTP 500"
+    )
+    before = ProcessedAttendance.objects.values().get(pk=worked_day.pk)
+    other = {"view only": [], "change": ["core.change_processedattendance"]}.get(
+        holder, [p for _, p, _ in CRM_ACTIONS if p != perm]
+    )
+    client = staff_client("core.view_processedattendance", *other)
+    assert action not in offered_actions(client, "processedattendance")
+    response = client.post(
+        reverse("admin:core_processedattendance_changelist"),
+        {"action": action, "index": 0, "_selected_action": [worked_day.pk]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    assert ProcessedAttendance.objects.values().get(pk=worked_day.pk) == before
+
+
+@pytest.mark.parametrize("action, perm, state", CRM_ACTIONS)
+def test_a_delivery_action_makes_the_day_due_for_a_user_with_its_permission(
+    staff_client, worked_day, action, perm, state
+):
+    ProcessedAttendance.objects.filter(pk=worked_day.pk).update(
+        sync_state=state,
+        synced_version=1,
+        next_sync_at=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC),
+    )
+    client = staff_client("core.view_processedattendance", perm)
+    response = client.post(
+        reverse("admin:core_processedattendance_changelist"),
+        {"action": action, "index": 0, "_selected_action": [worked_day.pk]},
+        follow=True,
+    )
+    assert (
+        "1 " in response.content.decode() and "due for delivery again" in response.content.decode()
+    )
+    day = ProcessedAttendance.objects.get(pk=worked_day.pk)
+    assert (day.sync_state, day.next_sync_at) == ("pending", None)
+
+
+def test_reset_failed_leaves_days_that_did_not_fail(staff_client, worked_day):
+    ProcessedAttendance.objects.filter(pk=worked_day.pk).update(sync_state="rejected")
+    client = staff_client("core.view_processedattendance", "core.reset_failed_processedattendance")
+    client.post(
+        reverse("admin:core_processedattendance_changelist"),
+        {"action": "reset_failed", "index": 0, "_selected_action": [worked_day.pk]},
+    )
+    assert ProcessedAttendance.objects.get(pk=worked_day.pk).sync_state == "rejected"
+
+
+def test_a_day_page_shows_the_crm_answer(admin_client, worked_day):
+    ProcessedAttendance.objects.filter(pk=worked_day.pk).update(
+        sync_state="rejected",
+        crm_status=422,
+        crm_response='{"errors": [{"error": "user 1001 is not known to this CRM"}]}',
+        last_sync_error="The CRM refused this record: HTTP 422",
+    )
+    page = admin_client.get(
+        reverse("admin:core_processedattendance_change", args=[worked_day.pk])
+    ).content.decode()
+    assert "422" in page and "user 1001 is not known to this CRM" in page
+    listing = admin_client.get(
+        reverse("admin:core_processedattendance_changelist") + "?sync_state__exact=rejected"
+    ).content.decode()
+    assert "The CRM refused this record" in listing
+
+
+def test_the_delivery_log_is_shown_and_cannot_be_changed(staff_client):
+    from core.models import DeliveryLog
+
+    entry = DeliveryLog.objects.create(
+        destination="http://127.0.0.1/records",
+        idempotency_key="k" * 64,
+        records=100,
+        status_code=503,
+        outcome="transient",
+        duration_ms=12,
+        response_excerpt="Service Unavailable",
+    )
+    client = staff_client("core.view_deliverylog")
+    listing = client.get(reverse("admin:core_deliverylog_changelist")).content.decode()
+    assert "Service Unavailable" in listing and "503" in listing
+    assert offered_actions(client, "deliverylog") == set()
+    response = client.post(
+        reverse("admin:core_deliverylog_change", args=[entry.pk]), {"records": 1}
+    )
+    assert response.status_code == 403
+    assert DeliveryLog.objects.get(pk=entry.pk).records == 100

@@ -644,3 +644,29 @@ def test_test_crm_stats_counts_rows_by_state_and_names_the_oldest_undelivered(cr
     oldest = ProcessedAttendance.objects.get(pk=ids[4])
     assert f"oldest undelivered: {oldest.user_id} on 2026-11-02 (pending since" in out
     assert crm_stats().by_state["synced"] == 4
+
+
+def test_processed_days_are_delivered_and_a_recomputed_day_goes_again(crm):
+    from core.processing import attendance_process
+    from core.tests.factories import RawAttendanceFactory
+
+    device = DeviceFactory(name="Front door", timezone="Europe/Lisbon")
+    EmployeeFactory(user_id="1001", name="Ana Silva")
+    for hour in (8, 17):
+        RawAttendanceFactory(
+            device=device,
+            user_id="1001",
+            timestamp=datetime.datetime(2026, 11, 2, hour, 0, tzinfo=UTC),
+        )
+    attendance_process(full=True)
+    assert crm_sync().sent == 1
+    assert crm.held()["1001:2026-11-02"]["employee_name"] == "Ana Silva"
+
+    # A late punch: processing writes version 2, due again.
+    RawAttendanceFactory(
+        device=device, user_id="1001", timestamp=datetime.datetime(2026, 11, 2, 18, 0, tzinfo=UTC)
+    )
+    attendance_process(full=True)
+    assert crm_sync().sent == 1
+    record = crm.held()["1001:2026-11-02"]
+    assert (record["version"], record["clock_out"]) == (2, "2026-11-02T18:00:00+00:00")
