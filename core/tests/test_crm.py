@@ -6,6 +6,7 @@ import hmac
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -197,10 +198,24 @@ def test_the_signature_verifies_with_the_shared_secret(fake_crm, settings):
     assert len(server.held()) == 5
 
     # The check docs/crm-contract.md gives a CRM, on a body the bridge signed.
-    body = b'{"records":[]}'
-    signature = "sha256=" + sign(secret="s3cret", timestamp="1700000000", body=body)
-    expected = hmac.new(b"s3cret", b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(signature, f"sha256={expected}")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "crm-contract.md").read_text()
+    snippet = doc.split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(snippet, namespace)
+    signature_ok = namespace["signature_ok"]
+    destination = JsonContractDestination(url=server.url, signing_secret="s3cret")
+    body = destination.body([])
+    headers = destination.headers(body=body, key="k")
+    stamp, signature = headers["X-Signature-Timestamp"], headers["X-Signature"]
+    assert signature_ok(b"s3cret", body, stamp, signature)
+    assert not signature_ok(b"s3cret", body + b" ", stamp, signature)
+    assert not signature_ok(b"other", body, stamp, signature)
+    expected = hmac.new(b"s3cret", stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    assert (
+        signature
+        == f"sha256={expected}"
+        == "sha256=" + sign(secret="s3cret", timestamp=stamp, body=body)
+    )
 
 
 def test_a_wrong_signing_secret_is_refused_like_bad_credentials(fake_crm, settings):

@@ -31,6 +31,11 @@ def load_settings(**env) -> subprocess.CompletedProcess:
         ("DEVICE_DEFAULT_TIMEZONE", "Lisbon", "must be an IANA time zone name"),
         ("LOG_LEVEL", "loud", "LOG_LEVEL must be DEBUG, INFO"),
         ("FULL_POLL_HOURS", "0", "FULL_POLL_HOURS must be at least 1, got 0"),
+        ("CRM_API_URL", "crm.example.com", "CRM_API_URL must start with http:// or https://"),
+        ("CRM_AUTH_SCHEME", "Basic", "CRM_AUTH_SCHEME must be Token or Bearer, got 'Basic'"),
+        ("CRM_SYNC_FROM", "last year", "CRM_SYNC_FROM must be a date like 2026-01-01"),
+        ("CRM_BATCH_SIZE", "0", "CRM_BATCH_SIZE must be at least 1, got 0"),
+        ("CRM_READ_TIMEOUT_SECONDS", "soon", "CRM_READ_TIMEOUT_SECONDS must be a number"),
     ],
 )
 def test_a_bad_value_stops_start_up_with_a_message_naming_the_variable(variable, value, message):
@@ -66,3 +71,8 @@ def test_embedded_defaults_need_no_database_or_broker_server():
         timeout=60,
     )
     assert result.stdout.split() == ["django.db.backends.sqlite3", "filesystem://"]
+
+
+def test_a_crm_token_and_a_token_file_together_stop_start_up():
+    result = load_settings(CRM_API_TOKEN="t", CRM_API_TOKEN_FILE="/run/secrets/crm")
+    assert "Set CRM_API_TOKEN or CRM_API_TOKEN_FILE, not both" in result.stderr
