@@ -14,13 +14,13 @@ from django.urls import reverse
 
 from core.models import Employee, ProcessedAttendance, ProcessingState, RawAttendance
 from core.processing import (
-    LATE_COMMIT_MARGIN,
     attendance_discard_edits,
     attendance_edit,
     attendance_mark_reviewed,
     attendance_process,
     attendance_recompute,
 )
+from core.processing.planning import LATE_COMMIT_MARGIN
 from core.tests.factories import DeviceFactory, EmployeeFactory
 
 pytestmark = pytest.mark.django_db
