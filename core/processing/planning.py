@@ -10,6 +10,10 @@ the chain, and the rows, are the stored ones. A late punch can extend or split
 its neighbours, so the punches read reach 2 × MAX_SHIFT_HOURS past `until`,
 and to the last punch when the chain has not settled by then.
 
+Work dates never go back in time (shifts.Calendar.date_shifts), so the shifts
+from the anchor on are dated no earlier than the stored day before the
+anchor's (date_floor), exactly as a run from the first punch dates them.
+
 Which punches are new: ids only grow, but a poll's transaction can commit after
 a later poll's, so a run may read past an id that is not visible yet. RawAttendance
 .received_at is stamped when a poll starts, and a poll commits within
@@ -247,6 +251,29 @@ def latest_start(
         and row.clock_in <= moment
     ]
     return max(starts, default=None)
+
+
+def date_floor(
+    stored: dict[datetime.date, StoredDay], anchor: datetime.datetime | None
+) -> datetime.date | None:
+    """The work date of the last day before the anchor's: no shift from the anchor on
+    is dated earlier (Calendar.date_shifts). None without an anchor.
+
+    Days before the anchor's are those of the unchanged shifts before it. Only
+    the rows read with the anchor are looked at: an older one is dated at least
+    two days before the anchor's UTC date, and no later shift could be dated that early.
+    """
+    if anchor is None:
+        return None
+    anchor_date = next(
+        (d for d, row in stored.items() if row.clock_in == anchor and not row.is_manual), None
+    )
+    if anchor_date is None:
+        return None
+    return max(
+        (d for d, row in stored.items() if d < anchor_date and row.clock_in is not None),
+        default=None,
+    )
 
 
 def settle_point(

@@ -107,6 +107,8 @@ def _chains(
 ) -> tuple[dict[str, list[Shift]], dict[str, datetime.datetime | None]]:
     """Each employee's dated shifts from their anchor, and where their stored rows hold again.
 
+    Dated from the anchor on: no earlier than the day before the anchor's (date_floor).
+
     Round one reads from the anchor to 2 × MAX_SHIFT_HOURS past the last changed
     punch; round two, for chains not settled by then, the rest of the punches.
     """
@@ -120,13 +122,15 @@ def _chains(
     )
     shifts: dict[str, list[Shift]] = {}
     ends: dict[str, datetime.datetime | None] = {}
+    floors: dict[str, datetime.date | None] = {}
     unsettled = []
     for group in batch:
         user_id = group.user_id
+        floors[user_id] = planning.date_floor(stored[user_id], anchors.get(user_id))
         chain = build_shifts(
             punches.get(user_id, ()), max_shift=rules.max_shift, dedupe=rules.dedupe
         )
-        calendar.date_shifts(chain)
+        calendar.date_shifts(chain, floor=floors[user_id])
         shifts[user_id] = chain
         ends[user_id] = None
         if group.until is not None:
@@ -147,7 +151,7 @@ def _chains(
                 chain = build_shifts(
                     punches[group.user_id], max_shift=rules.max_shift, dedupe=rules.dedupe
                 )
-                calendar.date_shifts(chain)
+                calendar.date_shifts(chain, floor=floors[group.user_id])
                 shifts[group.user_id] = chain
     result.punches_read += sum(len(p) for p in punches.values())
     return shifts, ends

@@ -8,8 +8,9 @@
   part: each one falls in the shift whose window holds it and is counted in
   that day's `ignored_suspect_punches`; one outside every shift belongs to no day.
 - The work date is the local date, in the zone of the device that took it, of
-  the shift's first punch. clock_in is that punch, clock_out the shift's last
-  punch when the shift has two or more.
+  the shift's first punch, or the previous shift's work date when that is
+  later: work dates never go back in time (Calendar.date_shifts). clock_in is
+  the shift's first punch, clock_out its last when it has two or more.
 - Two shifts that start on the same local date (a forgotten clock-out at 06:00,
   then a night shift from 22:30) share that date's row, the only row the
   unique (user_id, work_date) allows: clock_in is the first shift's, clock_out
@@ -122,10 +123,20 @@ class Calendar:
             shift.local_start = shift.start.astimezone(self.zone(shift.start_device))
         return shift.local_start
 
-    def date_shifts(self, shifts: list[Shift]) -> None:
-        """Sets each shift's work_date: the local date of its start."""
+    def date_shifts(self, shifts: list[Shift], *, floor: datetime.date | None = None) -> None:
+        """Sets each shift's work_date: the local date of its start, or the previous
+        shift's work date when that is later (`floor` for the first shift).
+
+        Work dates never go back in time, so each day is one run of consecutive
+        shifts and no two days overlap. They could only go back when devices'
+        zones are more than MAX_SHIFT_HOURS apart: 00:30 on a clock at UTC+14,
+        then 17 hours later 21:30 on one at UTC-11, the day before.
+        """
         for shift in shifts:
-            shift.work_date = self.local_start(shift).date()
+            work_date = self.local_start(shift).date()
+            if floor is not None and work_date < floor:
+                work_date = floor
+            shift.work_date = floor = work_date
 
     def hours(
         self, employee: Hours | None, device_id: int | None

@@ -559,6 +559,72 @@ def test_incremental_runs_match_a_full_recompute_whatever_order_punches_arrive_i
     assert sum("multiple_shifts" in str(v[7]) for v in incremental.values()) > 3
 
 
+ZONE_PAIRS = [
+    ("Europe/Lisbon", "Europe/Madrid"),
+    ("Asia/Tokyo", "Pacific/Honolulu"),  # 19 hours apart
+    ("Pacific/Kiritimati", "Pacific/Pago_Pago"),  # 25 hours apart: the same time, two dates
+    ("Australia/Sydney", "America/Los_Angeles"),
+]
+
+
+def overlapping_rows() -> list:
+    """Pairs of one employee's rows whose clock-in → clock-out spans overlap in time."""
+    spans = ProcessedAttendance.objects.exclude(clock_in=None).order_by("user_id", "clock_in")
+    found = []
+    previous = None
+    for row in spans:
+        if previous is not None and previous.user_id == row.user_id:
+            if row.clock_in <= (previous.clock_out or previous.clock_in):
+                found.append((previous.work_date, row.work_date))
+        previous = row
+    return found
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_incremental_runs_match_a_full_recompute_with_devices_in_far_apart_zones(seed):
+    rng = random.Random(seed)
+    zones = ZONE_PAIRS[seed % len(ZONE_PAIRS)]
+    devices = [DeviceFactory(name=zone, timezone=zone) for zone in zones]
+    punches = []
+    first_day = datetime.datetime(2026, 10, 19, tzinfo=UTC)
+    for number in range(6):
+        user_id = str(6000 + number)
+        for day_number in range(10):
+            if rng.random() < 0.15:
+                continue
+            start = first_day + day_number * 24 * H + rng.randint(0, 23 * 60) * M
+            moments = [start, start + rng.randint(2 * 60, 15 * 60) * M]
+            if rng.random() < 0.3:
+                moments.append(start + rng.randint(16 * 60 + 1, 20 * 60) * M)
+            if rng.random() < 0.1:
+                moments.pop(1)
+            for moment in moments:
+                punches.append((user_id, moment, rng.random() < 0.05, rng.choice(devices)))
+    punches.sort(key=lambda p: p[1] + (rng.randint(1, 4 * 24) * H if rng.random() < 0.25 else H))
+    for run, chunk in enumerate(range(0, len(punches), 8)):
+        with server_clock(run):
+            RawAttendance.objects.bulk_create(
+                [
+                    RawAttendance(device=d, user_id=u, timestamp=t, is_suspect=s)
+                    for u, t, s, d in punches[chunk : chunk + 8]
+                ],
+                ignore_conflicts=True,
+            )
+            attendance_process()
+
+    def computed() -> dict:
+        return {key: values[:-2] for key, values in snapshot().items() if values[0] is not None}
+
+    incremental = computed()
+    assert overlapping_rows() == []
+    ProcessedAttendance.objects.all().delete()
+    attendance_process(full=True)
+
+    assert computed() == incremental
+    assert overlapping_rows() == []
+    assert len(incremental) > 30
+
+
 def test_the_number_of_queries_does_not_grow_with_the_number_of_groups(door):
     def queries_for_one_new_day(employees: int) -> int:
         RawAttendance.objects.all().delete()

@@ -14,7 +14,7 @@ UTC = datetime.UTC
 H = datetime.timedelta(hours=1)
 M = datetime.timedelta(minutes=1)
 
-DOOR, BACK_DOOR, TOKYO, NEW_YORK, LISBON, WAREHOUSE = 1, 2, 3, 4, 5, 6
+DOOR, BACK_DOOR, TOKYO, NEW_YORK, LISBON, WAREHOUSE, KIRITIMATI, PAGO_PAGO = range(1, 9)
 ZONES = {
     DOOR: "UTC",
     BACK_DOOR: "UTC",
@@ -22,6 +22,8 @@ ZONES = {
     NEW_YORK: "America/New_York",
     LISBON: "Europe/Lisbon",
     WAREHOUSE: "UTC",
+    KIRITIMATI: "Pacific/Kiritimati",  # UTC+14
+    PAGO_PAGO: "Pacific/Pago_Pago",  # UTC-11
 }
 DEVICES = {pk: Hours(ZoneInfo(zone), None, None) for pk, zone in ZONES.items()}
 DEVICES[WAREHOUSE] = Hours(ZoneInfo("UTC"), datetime.time(5), datetime.time(14))
@@ -252,3 +254,34 @@ def test_device_hours_win_over_the_rules_and_employee_hours_over_the_devices():
     assert employee_day["outlier_reasons"][0]["message"] == (
         "early_clock_in: 05:00 is 7h00m before 12:00"
     )
+
+
+def test_work_dates_never_go_back_when_devices_zones_are_further_apart_than_a_shift():
+    # 17 hours after a 00:30 clock-in at UTC+14, 21:30 at UTC-11 is the day before:
+    # that second shift is dated on the first one's day, which has two shifts.
+    row = only(
+        days(
+            punch("2026-11-03 00:30", KIRITIMATI),
+            punch("2026-11-03 08:30", KIRITIMATI),
+            punch("2026-11-02 21:30", PAGO_PAGO),
+        )
+    )
+    assert row["work_date"] == D("2026-11-03")
+    assert (row["clock_in"], row["clock_out"]) == (
+        at("2026-11-03 00:30", KIRITIMATI),
+        at("2026-11-02 21:30", PAGO_PAGO),
+    )
+    assert "multiple_shifts" in codes(row)
+
+
+def test_the_first_shift_of_a_chain_is_dated_no_earlier_than_its_floor():
+    calendar = Calendar(RULES, DEVICES, ZoneInfo("UTC"))
+    shifts = build_shifts(
+        [punch("2026-11-02 21:30", PAGO_PAGO), punch("2026-11-04 09:00", PAGO_PAGO)],
+        max_shift=RULES.max_shift,
+        dedupe=RULES.dedupe,
+    )
+
+    calendar.date_shifts(shifts, floor=D("2026-11-03"))
+
+    assert [s.work_date for s in shifts] == [D("2026-11-03"), D("2026-11-04")]
