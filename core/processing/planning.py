@@ -15,14 +15,14 @@ from the anchor on are dated no earlier than the stored day before the
 anchor's (date_floor), exactly as a run from the first punch dates them.
 
 Which punches are new: ids only grow, but a poll's transaction can commit after
-a later poll's, so a run may read past an id that is not visible yet. RawAttendance
-.received_at is stamped when a poll starts, and a poll commits within
-LATE_COMMIT_MARGIN of that. A run therefore reads punches with an id above the
-highest the previous run saw (the watermark), plus those received within the
-margin before the previous run started; a punch like that has an id above the
-highest seen by a run that started at least the margin before the previous
-one, which bounds the read to recent ids (ProcessingState.recent_runs keeps
-those runs).
+a later poll's, so a run may read past an id that is not visible yet.
+RawAttendance.received_at is stamped when a poll writes its rows, and a poll
+commits within settings.LATE_COMMIT_MARGIN of writing its rows. A run
+therefore reads punches with an id above the highest the previous run saw (the
+watermark), plus those received within the margin before the previous run
+started; a punch like that has an id above the highest seen by a run that
+started at least the margin before the previous one, which bounds the read to
+recent ids (ProcessingState.recent_runs keeps those runs).
 
 `--full` recomputes every employee from their first punch; a date range the
 employees with punches on those local dates, from the first such punch to the
@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
+from django.conf import settings
 from django.db.models import Count, Max, Min, Q
 from django.utils import timezone
 
@@ -50,10 +51,6 @@ UTC = datetime.UTC
 DAY = datetime.timedelta(days=1)
 HOUR = datetime.timedelta(hours=1)
 STATE_NAME = "attendance"
-# received_at is stamped when a poll starts, before the device download, and the
-# poll's punches commit after the download and store: this must exceed the
-# longest poll. A run re-reads what was received this long before the previous run.
-LATE_COMMIT_MARGIN = datetime.timedelta(minutes=15)
 # Days before an employee's earliest new punch within which their anchor is looked
 # for first (find_anchors): yesterday's row, or Friday's on a Monday.
 ANCHOR_DAYS = 3
@@ -90,7 +87,7 @@ def late_commit_floor(runs: list[list]) -> int:
     """The highest raw id seen by a run that started LATE_COMMIT_MARGIN before the last one."""
     if not runs:
         return 0
-    cutoff = datetime.datetime.fromisoformat(runs[-1][0]) - LATE_COMMIT_MARGIN
+    cutoff = datetime.datetime.fromisoformat(runs[-1][0]) - settings.LATE_COMMIT_MARGIN
     floor = 0
     for started, max_id in runs:
         if datetime.datetime.fromisoformat(started) <= cutoff:
@@ -103,8 +100,9 @@ def record_run(state: ProcessingState, *, max_id: int, started: datetime.datetim
     runs = [*state.recent_runs, [started.isoformat(), max_id]]
     # Later runs need the newest run that started a margin before them, never an older one.
     keep = 0
+    margin = settings.LATE_COMMIT_MARGIN
     for index, (moment, _) in enumerate(runs):
-        if datetime.datetime.fromisoformat(moment) <= started - LATE_COMMIT_MARGIN:
+        if datetime.datetime.fromisoformat(moment) <= started - margin:
             keep = index
     state.recent_runs = runs[keep:]
     state.last_raw_id = max_id
@@ -122,7 +120,7 @@ def new_groups(state: ProcessingState) -> tuple[list[Group], int]:
     new = Q(id__gt=state.last_raw_id)
     if state.recent_runs:
         previous_start = datetime.datetime.fromisoformat(state.recent_runs[-1][0])
-        new |= Q(received_at__gte=previous_start - LATE_COMMIT_MARGIN)
+        new |= Q(received_at__gte=previous_start - settings.LATE_COMMIT_MARGIN)
     rows = storage.fetch(
         punches.filter(new)
         .order_by()

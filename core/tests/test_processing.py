@@ -6,6 +6,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import time_machine
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.db import connection
@@ -20,7 +21,6 @@ from core.processing import (
     attendance_process,
     attendance_recompute,
 )
-from core.processing.planning import LATE_COMMIT_MARGIN
 from core.tests.factories import DeviceFactory, EmployeeFactory
 
 pytestmark = pytest.mark.django_db
@@ -460,8 +460,23 @@ def test_a_punch_that_commits_after_a_run_read_past_its_id_is_still_processed(do
     assert day("1002", "2026-11-02").clock_in == at("2026-11-02 08:30", door)
     assert result.new_punches == 2  # and 1000 again, re-read inside the margin
     # Once the margin has passed, a run reads only what is new.
-    with time_machine.travel(start + LATE_COMMIT_MARGIN + 10 * M, tick=False):
+    with time_machine.travel(start + settings.LATE_COMMIT_MARGIN + 10 * M, tick=False):
         attendance_process()
+        assert attendance_process().new_punches == 0
+
+
+def test_the_late_commit_margin_is_the_setting_at_run_time(door, settings):
+    settings.LATE_COMMIT_MARGIN = 3 * H
+    with server_clock(0):
+        store(door, "1001", "2026-11-02 08:00")
+    with server_clock(1):
+        assert attendance_process().new_punches == 1
+
+    with server_clock(2):
+        # Received 1 hour before the previous run started: inside 3 hours, re-read.
+        assert attendance_process().new_punches == 1
+    settings.LATE_COMMIT_MARGIN = 30 * M
+    with server_clock(3):
         assert attendance_process().new_punches == 0
 
 
