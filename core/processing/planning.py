@@ -24,6 +24,11 @@ started; a punch like that has an id above the highest seen by a run that
 started at least the margin before the previous one, which bounds the read to
 recent ids (ProcessingState.recent_runs keeps those runs).
 
+A revised punch (its suspect verdict changed after it was stored: a later
+download judged it again, or an operator set or cleared the flag) is new
+like a stored one: RawAttendance.revised_at is stamped with the change, and a
+run reads those revised within the margin before the previous run started.
+
 `--full` recomputes every employee from their first punch; a date range the
 employees with punches on those local dates, from the first such punch to the
 last, with the same anchors and settling.
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db.models import Count, Max, Min, Q
+from django.db.models import Count, Max, Min, Q, QuerySet
 from django.utils import timezone
 
 from core.models import Device, ProcessedAttendance, ProcessingState, RawAttendance
@@ -113,16 +118,30 @@ def record_run(state: ProcessingState, *, max_id: int, started: datetime.datetim
 # --- Which groups a run recomputes ---------------------------------------------------
 
 
+def new_punches(state: ProcessingState) -> QuerySet:
+    """The punches a run takes as new: stored since the previous run, or revised since.
+
+    Stored: an id above the watermark, or received within the margin before the
+    previous run started (an id above the late-commit floor). Revised: a
+    revised_at within the margin before the previous run started, whatever the
+    id, by the same reasoning (the revision commits within the margin of being
+    stamped); that condition is served by the partial index on revised_at, so
+    no run scans the table for the few punches ever revised.
+    """
+    floor = Q(id__gt=late_commit_floor(state.recent_runs))
+    if not state.recent_runs:
+        return RawAttendance.objects.filter(floor & Q(id__gt=state.last_raw_id))
+    previous_start = datetime.datetime.fromisoformat(state.recent_runs[-1][0])
+    since = previous_start - settings.LATE_COMMIT_MARGIN
+    stored = floor & (Q(id__gt=state.last_raw_id) | Q(received_at__gte=since))
+    return RawAttendance.objects.filter(stored | Q(revised_at__gte=since))
+
+
 def new_groups(state: ProcessingState) -> tuple[list[Group], int]:
     """The employees with new punches, each from their earliest to their latest; and
     how many punches are new."""
-    punches = RawAttendance.objects.filter(id__gt=late_commit_floor(state.recent_runs))
-    new = Q(id__gt=state.last_raw_id)
-    if state.recent_runs:
-        previous_start = datetime.datetime.fromisoformat(state.recent_runs[-1][0])
-        new |= Q(received_at__gte=previous_start - settings.LATE_COMMIT_MARGIN)
     rows = storage.fetch(
-        punches.filter(new)
+        new_punches(state)
         .order_by()
         .values("user_id")
         .annotate(since=Min("timestamp"), until=Max("timestamp"), count=Count("id"))

@@ -12,6 +12,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils import timezone
 
 from core.models import Employee, ProcessedAttendance, ProcessingState, RawAttendance
 from core.processing import (
@@ -20,6 +21,7 @@ from core.processing import (
     attendance_mark_reviewed,
     attendance_process,
     attendance_recompute,
+    planning,
 )
 from core.tests.factories import DeviceFactory, EmployeeFactory
 
@@ -478,6 +480,109 @@ def test_the_late_commit_margin_is_the_setting_at_run_time(door, settings):
     settings.LATE_COMMIT_MARGIN = 30 * M
     with server_clock(3):
         assert attendance_process().new_punches == 0
+
+
+def computed_days() -> dict:
+    """What the punches give, as snapshot() without version and updated_at."""
+    return {key: values[:-2] for key, values in snapshot().items() if values[0] is not None}
+
+
+def revise(device, user_id: str, local: str, *, suspect: bool) -> None:
+    """A punch's verdict changed after it was stored, written as ingest writes it."""
+    changed = RawAttendance.objects.filter(
+        device=device, user_id=user_id, timestamp=at(local, device)
+    ).update(is_suspect=suspect, revised_at=timezone.now())
+    assert changed == 1
+
+
+def test_a_punch_revised_to_suspect_is_ignored_by_the_next_incremental_run(door):
+    with server_clock(0):
+        store(door, "1001", "2026-11-02 08:00", "2026-11-02 12:00", "2026-11-02 17:00")
+    with server_clock(1):
+        attendance_process()
+    with server_clock(2):
+        attendance_process()  # the run the next one bounds its read by: ids are old now
+    assert day("1001", "2026-11-02").punch_count == 3
+
+    with server_clock(2.5):
+        revise(door, "1001", "2026-11-02 12:00", suspect=True)
+    with server_clock(3):
+        result = attendance_process()
+
+    row = day("1001", "2026-11-02")
+    assert (row.punch_count, row.ignored_suspect_punches, row.version) == (2, 1, 2)
+    assert (result.new_punches, result.rows_changed) == (1, 1)
+    with server_clock(4):
+        assert attendance_process().new_punches == 0  # revised before the previous run
+
+
+def test_a_punch_whose_suspect_flag_is_cleared_counts_again(door):
+    with server_clock(0):
+        store(door, "1001", "2026-11-02 08:00")
+        store(door, "1001", "2026-11-02 17:00", suspect=True)
+    with server_clock(1):
+        attendance_process()
+    with server_clock(2):
+        attendance_process()
+    row = day("1001", "2026-11-02")
+    assert (row.punch_count, row.clock_out, row.ignored_suspect_punches) == (1, None, 1)
+
+    with server_clock(2.5):
+        revise(door, "1001", "2026-11-02 17:00", suspect=False)
+    with server_clock(3):
+        result = attendance_process()
+
+    row = day("1001", "2026-11-02")
+    assert (row.punch_count, row.clock_out, row.ignored_suspect_punches) == (
+        2,
+        at("2026-11-02 17:00", door),
+        0,
+    )
+    assert (row.version, row.is_outlier, result.rows_changed) == (2, False, 1)
+
+
+@pytest.mark.parametrize("suspect", [True, False])
+def test_revising_a_days_first_punch_gives_what_a_full_run_gives(door, suspect):
+    with server_clock(0):
+        store(door, "1001", "2026-11-01 08:00", "2026-11-01 17:00")
+        store(door, "1001", "2026-11-02 08:00", suspect=not suspect)
+        store(door, "1001", "2026-11-02 12:00", "2026-11-02 17:00", "2026-11-03 08:00")
+    with server_clock(1):
+        attendance_process()
+    with server_clock(2):
+        attendance_process()
+
+    with server_clock(2.5):
+        revise(door, "1001", "2026-11-02 08:00", suspect=suspect)
+    with server_clock(3):
+        attendance_process()
+    incremental = computed_days()
+    ProcessedAttendance.objects.all().delete()
+    attendance_process(full=True)
+
+    assert computed_days() == incremental
+    clock_in = "2026-11-02 12:00" if suspect else "2026-11-02 08:00"
+    assert day("1001", "2026-11-02").clock_in == at(clock_in, door)
+
+
+def test_the_revised_punches_are_found_through_their_partial_index(door):
+    if connection.vendor != "postgresql":
+        pytest.skip("the query plan is PostgreSQL's")
+    with server_clock(0):
+        store(door, "1001", "2026-11-02 08:00")
+    with server_clock(1):
+        attendance_process()
+    with server_clock(2):
+        attendance_process()
+    state = ProcessingState.objects.get()
+
+    with connection.cursor() as cursor:
+        # A table this small is read whole; the question is whether it has to be.
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        plan = planning.new_punches(state).explain()
+
+    assert "raw_attendance_revised" in plan
+    assert "Seq Scan" not in plan
 
 
 def test_a_late_punch_that_starts_a_second_shift_on_a_stored_day_joins_that_day(door):
