@@ -4,21 +4,12 @@ import datetime
 from zoneinfo import ZoneInfo
 
 from core.processing.diff import ROW_COLUMNS, StoredDay, diff_days
-from core.processing.rules import Hours, Rules
+from core.processing.rules import Hours
 from core.processing.shifts import Calendar, build_shifts, day_values
+from core.tests.factories import DEFAULT_RULES as RULES
 
 UTC = datetime.UTC
 H = datetime.timedelta(hours=1)
-RULES = Rules(
-    max_shift=16 * H,
-    dedupe=datetime.timedelta(seconds=60),
-    work_start=datetime.time(8),
-    work_end=datetime.time(17),
-    early_in=120,
-    late_in=120,
-    early_out=120,
-    late_out=180,
-)
 CALENDAR = Calendar(RULES, {1: Hours(ZoneInfo("UTC"), None, None)}, ZoneInfo("UTC"))
 MON = datetime.date(2026, 11, 2)
 TUE = datetime.date(2026, 11, 3)

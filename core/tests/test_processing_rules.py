@@ -6,18 +6,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from core.processing.rules import Hours, Rules, day_outliers, expected_hours
+from core.processing.rules import Hours, day_outliers, expected_hours
+from core.tests.factories import DEFAULT_RULES as RULES
 
-RULES = Rules(
-    max_shift=datetime.timedelta(hours=16),
-    dedupe=datetime.timedelta(seconds=60),
-    work_start=datetime.time(8),
-    work_end=datetime.time(17),
-    early_in=120,
-    late_in=120,
-    early_out=120,
-    late_out=180,
-)
 UTC = ZoneInfo("UTC")
 
 

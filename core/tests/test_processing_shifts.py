@@ -9,6 +9,7 @@ import pytest
 from core.processing.diff import ROW_COLUMNS, diff_days
 from core.processing.rules import Hours, Rules
 from core.processing.shifts import Calendar, build_shifts
+from core.tests.factories import DEFAULT_RULES as RULES
 
 UTC = datetime.UTC
 H = datetime.timedelta(hours=1)
@@ -27,16 +28,6 @@ ZONES = {
 }
 DEVICES = {pk: Hours(ZoneInfo(zone), None, None) for pk, zone in ZONES.items()}
 DEVICES[WAREHOUSE] = Hours(ZoneInfo("UTC"), datetime.time(5), datetime.time(14))
-RULES = Rules(
-    max_shift=16 * H,
-    dedupe=datetime.timedelta(seconds=60),
-    work_start=datetime.time(8),
-    work_end=datetime.time(17),
-    early_in=120,
-    late_in=120,
-    early_out=120,
-    late_out=180,
-)
 NIGHTS = Hours(None, datetime.time(22), datetime.time(6))
 
 
