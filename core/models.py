@@ -371,7 +371,7 @@ class ProcessingState(models.Model):
 
     `recent_runs` holds [started_at ISO, highest raw punch id seen] for the last
     few runs: enough to re-read punches whose transaction committed after a run
-    had already read past their id (see core.processing for the reasoning).
+    had already read past their id (see core.processing.planning for the reasoning).
     """
 
     name = models.CharField(max_length=50, unique=True)

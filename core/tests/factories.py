@@ -3,6 +3,7 @@ import datetime
 import factory
 
 from core.models import Device, Employee, RawAttendance
+from core.processing.rules import Rules
 
 
 class DeviceFactory(factory.django.DjangoModelFactory):
@@ -39,3 +40,17 @@ class RawAttendanceFactory(factory.django.DjangoModelFactory):
     status = 1
     verify_type = 1
     punch_state = 0
+
+
+# The outlier rules at the settings' defaults, for the tests of the pure
+# processing modules (core.processing.shifts, rules, diff).
+DEFAULT_RULES = Rules(
+    max_shift=datetime.timedelta(hours=16),
+    dedupe=datetime.timedelta(seconds=60),
+    work_start=datetime.time(8),
+    work_end=datetime.time(17),
+    early_in=120,
+    late_in=120,
+    early_out=120,
+    late_out=180,
+)

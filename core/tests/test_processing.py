@@ -6,20 +6,22 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import time_machine
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils import timezone
 
 from core.models import Employee, ProcessedAttendance, ProcessingState, RawAttendance
 from core.processing import (
-    LATE_COMMIT_MARGIN,
     attendance_discard_edits,
     attendance_edit,
     attendance_mark_reviewed,
     attendance_process,
     attendance_recompute,
+    planning,
 )
 from core.tests.factories import DeviceFactory, EmployeeFactory
 
@@ -460,9 +462,127 @@ def test_a_punch_that_commits_after_a_run_read_past_its_id_is_still_processed(do
     assert day("1002", "2026-11-02").clock_in == at("2026-11-02 08:30", door)
     assert result.new_punches == 2  # and 1000 again, re-read inside the margin
     # Once the margin has passed, a run reads only what is new.
-    with time_machine.travel(start + LATE_COMMIT_MARGIN + 10 * M, tick=False):
+    with time_machine.travel(start + settings.LATE_COMMIT_MARGIN + 10 * M, tick=False):
         attendance_process()
         assert attendance_process().new_punches == 0
+
+
+def test_the_late_commit_margin_is_the_setting_at_run_time(door, settings):
+    settings.LATE_COMMIT_MARGIN = 3 * H
+    with server_clock(0):
+        store(door, "1001", "2026-11-02 08:00")
+    with server_clock(1):
+        assert attendance_process().new_punches == 1
+
+    with server_clock(2):
+        # Received 1 hour before the previous run started: inside 3 hours, re-read.
+        assert attendance_process().new_punches == 1
+    settings.LATE_COMMIT_MARGIN = 30 * M
+    with server_clock(3):
+        assert attendance_process().new_punches == 0
+
+
+def computed_days() -> dict:
+    """What the punches give, as snapshot() without version and updated_at."""
+    return {key: values[:-2] for key, values in snapshot().items() if values[0] is not None}
+
+
+def revise(device, user_id: str, local: str, *, suspect: bool) -> None:
+    """A punch's verdict changed after it was stored, written as ingest writes it."""
+    changed = RawAttendance.objects.filter(
+        device=device, user_id=user_id, timestamp=at(local, device)
+    ).update(is_suspect=suspect, revised_at=timezone.now())
+    assert changed == 1
+
+
+def test_a_punch_revised_to_suspect_is_ignored_by_the_next_incremental_run(door):
+    with server_clock(0):
+        store(door, "1001", "2026-11-02 08:00", "2026-11-02 12:00", "2026-11-02 17:00")
+    with server_clock(1):
+        attendance_process()
+    with server_clock(2):
+        attendance_process()  # the run the next one bounds its read by: ids are old now
+    assert day("1001", "2026-11-02").punch_count == 3
+
+    with server_clock(2.5):
+        revise(door, "1001", "2026-11-02 12:00", suspect=True)
+    with server_clock(3):
+        result = attendance_process()
+
+    row = day("1001", "2026-11-02")
+    assert (row.punch_count, row.ignored_suspect_punches, row.version) == (2, 1, 2)
+    assert (result.new_punches, result.rows_changed) == (1, 1)
+    with server_clock(4):
+        assert attendance_process().new_punches == 0  # revised before the previous run
+
+
+def test_a_punch_whose_suspect_flag_is_cleared_counts_again(door):
+    with server_clock(0):
+        store(door, "1001", "2026-11-02 08:00")
+        store(door, "1001", "2026-11-02 17:00", suspect=True)
+    with server_clock(1):
+        attendance_process()
+    with server_clock(2):
+        attendance_process()
+    row = day("1001", "2026-11-02")
+    assert (row.punch_count, row.clock_out, row.ignored_suspect_punches) == (1, None, 1)
+
+    with server_clock(2.5):
+        revise(door, "1001", "2026-11-02 17:00", suspect=False)
+    with server_clock(3):
+        result = attendance_process()
+
+    row = day("1001", "2026-11-02")
+    assert (row.punch_count, row.clock_out, row.ignored_suspect_punches) == (
+        2,
+        at("2026-11-02 17:00", door),
+        0,
+    )
+    assert (row.version, row.is_outlier, result.rows_changed) == (2, False, 1)
+
+
+@pytest.mark.parametrize("suspect", [True, False])
+def test_revising_a_days_first_punch_gives_what_a_full_run_gives(door, suspect):
+    with server_clock(0):
+        store(door, "1001", "2026-11-01 08:00", "2026-11-01 17:00")
+        store(door, "1001", "2026-11-02 08:00", suspect=not suspect)
+        store(door, "1001", "2026-11-02 12:00", "2026-11-02 17:00", "2026-11-03 08:00")
+    with server_clock(1):
+        attendance_process()
+    with server_clock(2):
+        attendance_process()
+
+    with server_clock(2.5):
+        revise(door, "1001", "2026-11-02 08:00", suspect=suspect)
+    with server_clock(3):
+        attendance_process()
+    incremental = computed_days()
+    ProcessedAttendance.objects.all().delete()
+    attendance_process(full=True)
+
+    assert computed_days() == incremental
+    clock_in = "2026-11-02 12:00" if suspect else "2026-11-02 08:00"
+    assert day("1001", "2026-11-02").clock_in == at(clock_in, door)
+
+
+def test_the_revised_punches_are_found_through_their_partial_index(door):
+    if connection.vendor != "postgresql":
+        pytest.skip("the query plan is PostgreSQL's")
+    with server_clock(0):
+        store(door, "1001", "2026-11-02 08:00")
+    with server_clock(1):
+        attendance_process()
+    with server_clock(2):
+        attendance_process()
+    state = ProcessingState.objects.get()
+
+    with connection.cursor() as cursor:
+        # A table this small is read whole; the question is whether it has to be.
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        plan = planning.new_punches(state).explain()
+
+    assert "raw_attendance_revised" in plan
+    assert "Seq Scan" not in plan
 
 
 def test_a_late_punch_that_starts_a_second_shift_on_a_stored_day_joins_that_day(door):
@@ -557,6 +677,72 @@ def test_incremental_runs_match_a_full_recompute_whatever_order_punches_arrive_i
     assert computed() == incremental
     assert len(incremental) > 200
     assert sum("multiple_shifts" in str(v[7]) for v in incremental.values()) > 3
+
+
+ZONE_PAIRS = [
+    ("Europe/Lisbon", "Europe/Madrid"),
+    ("Asia/Tokyo", "Pacific/Honolulu"),  # 19 hours apart
+    ("Pacific/Kiritimati", "Pacific/Pago_Pago"),  # 25 hours apart: the same time, two dates
+    ("Australia/Sydney", "America/Los_Angeles"),
+]
+
+
+def overlapping_rows() -> list:
+    """Pairs of one employee's rows whose clock-in → clock-out spans overlap in time."""
+    spans = ProcessedAttendance.objects.exclude(clock_in=None).order_by("user_id", "clock_in")
+    found = []
+    previous = None
+    for row in spans:
+        if previous is not None and previous.user_id == row.user_id:
+            if row.clock_in <= (previous.clock_out or previous.clock_in):
+                found.append((previous.work_date, row.work_date))
+        previous = row
+    return found
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_incremental_runs_match_a_full_recompute_with_devices_in_far_apart_zones(seed):
+    rng = random.Random(seed)
+    zones = ZONE_PAIRS[seed % len(ZONE_PAIRS)]
+    devices = [DeviceFactory(name=zone, timezone=zone) for zone in zones]
+    punches = []
+    first_day = datetime.datetime(2026, 10, 19, tzinfo=UTC)
+    for number in range(6):
+        user_id = str(6000 + number)
+        for day_number in range(10):
+            if rng.random() < 0.15:
+                continue
+            start = first_day + day_number * 24 * H + rng.randint(0, 23 * 60) * M
+            moments = [start, start + rng.randint(2 * 60, 15 * 60) * M]
+            if rng.random() < 0.3:
+                moments.append(start + rng.randint(16 * 60 + 1, 20 * 60) * M)
+            if rng.random() < 0.1:
+                moments.pop(1)
+            for moment in moments:
+                punches.append((user_id, moment, rng.random() < 0.05, rng.choice(devices)))
+    punches.sort(key=lambda p: p[1] + (rng.randint(1, 4 * 24) * H if rng.random() < 0.25 else H))
+    for run, chunk in enumerate(range(0, len(punches), 8)):
+        with server_clock(run):
+            RawAttendance.objects.bulk_create(
+                [
+                    RawAttendance(device=d, user_id=u, timestamp=t, is_suspect=s)
+                    for u, t, s, d in punches[chunk : chunk + 8]
+                ],
+                ignore_conflicts=True,
+            )
+            attendance_process()
+
+    def computed() -> dict:
+        return {key: values[:-2] for key, values in snapshot().items() if values[0] is not None}
+
+    incremental = computed()
+    assert overlapping_rows() == []
+    ProcessedAttendance.objects.all().delete()
+    attendance_process(full=True)
+
+    assert computed() == incremental
+    assert overlapping_rows() == []
+    assert len(incremental) > 30
 
 
 def test_the_number_of_queries_does_not_grow_with_the_number_of_groups(door):

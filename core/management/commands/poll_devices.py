@@ -5,7 +5,10 @@ from core.models import Device
 
 
 class Command(BaseCommand):
-    help = "Downloads new punches from devices (default: every enabled device)."
+    help = (
+        "Downloads new punches from devices (default: every enabled device). Runs with "
+        "the server's own rights, like the admin's Poll now (permission core.poll_device)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument(

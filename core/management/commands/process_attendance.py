@@ -15,7 +15,8 @@ def iso_date(value: str) -> datetime.date:
 class Command(BaseCommand):
     help = (
         "Builds daily clock-in/clock-out records from raw punches: by default only "
-        "what punches stored since the last run touched."
+        "what punches stored since the last run touched. Runs with the server's own "
+        "rights, like the admin's Recompute (permission core.change_processedattendance)."
     )
 
     def add_arguments(self, parser):

@@ -12,7 +12,9 @@ def _count(used: int, capacity: int) -> str:
 
 class Command(BaseCommand):
     help = (
-        "Connects to devices and shows serial, firmware, counts and clock drift; changes nothing."
+        "Connects to devices and shows serial, firmware, counts and clock drift; changes "
+        "nothing. Runs with the server's own rights, like the admin's Test connection "
+        "(permission core.test_device)."
     )
 
     def add_arguments(self, parser):
