@@ -685,3 +685,69 @@ def test_processed_days_are_delivered_and_a_recomputed_day_goes_again(crm):
     assert crm_sync().sent == 1
     record = crm.held()["1001:2026-11-02"]
     assert (record["version"], record["clock_out"]) == (2, "2026-11-02T18:00:00+00:00")
+
+
+def test_the_fake_crm_command_serves_the_contract_with_its_options():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "fake_crm",
+            "--port",
+            "0",
+            "--token",
+            "T",
+            "--reject-user-id",
+            "7",
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        first = process.stdout.readline()
+        assert first.startswith("Fake CRM listening on http://127.0.0.1:")
+        url = first.split("listening on", 1)[1].strip()
+        assert requests.post(url, json={"records": []}, timeout=5).status_code == 401
+        good = {
+            "external_id": "1:2026-11-02",
+            "version": 1,
+            "user_id": "1",
+            "work_date": "2026-11-02",
+        }
+        bad = {**good, "external_id": "7:2026-11-02", "user_id": "7"}
+        auth = {"Authorization": "Token T"}
+        assert (
+            requests.post(url, json={"records": [good, bad]}, headers=auth, timeout=5).status_code
+            == 400
+        )
+        assert (
+            requests.post(url, json={"records": [good]}, headers=auth, timeout=5).status_code == 200
+        )
+        held = requests.get(url, headers=auth, timeout=5).json()
+        assert [r["external_id"] for r in held] == ["1:2026-11-02"]
+        stats = requests.get(url.replace("/records", "/stats"), headers=auth, timeout=5).json()
+        assert (stats["held"], stats["refused"], stats["unauthorized"]) == (1, 1, 1)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_fake_crm_command_rejects_a_bad_fail_rate():
+    with pytest.raises(CommandError, match="fail.rate"):
+        call_command("fake_crm", "--fail-rate", "2")
+
+
+def test_test_crm_stats_says_rejected_rows_wait_for_a_change(crm, capsys):
+    crm.reject_user_ids = {"1001"}
+    make_days(2, users=2)
+    crm_sync()
+    call_command("test_crm", stats=True)
+    out = capsys.readouterr().out
+    assert "oldest undelivered: none pending or failed (1 rejected wait for a change" in out

@@ -33,7 +33,11 @@ class Command(BaseCommand):
         self.stdout.write(f"rows: {counts}; in flight {report.in_flight}")
         oldest = report.oldest_undelivered
         if oldest is None:
-            self.stdout.write("oldest undelivered: none, the CRM holds every row")
+            rejected = report.by_state.get("rejected", 0)
+            self.stdout.write(
+                "oldest undelivered: none pending or failed"
+                + (f" ({rejected} rejected wait for a change or a resend)" if rejected else "")
+            )
             return
         line = (
             f"oldest undelivered: {oldest['user_id']} on {oldest['work_date']} "
