@@ -22,6 +22,8 @@ Destinations plug in through the small `Destination` interface; the JSON
 contract (`JsonContractDestination`) is the one shipped.
 """
 
+import base64
+import binascii
 import datetime
 import email.utils
 import hashlib
@@ -945,3 +947,63 @@ def _prune_log() -> int:
     cutoff = timezone.now() - datetime.timedelta(days=settings.DELIVERY_LOG_DAYS)
     deleted, _ = DeliveryLog.objects.filter(created_at__lt=cutoff).delete()
     return deleted
+
+
+# --- The pull feed -----------------------------------------------------------------------
+
+FEED_MAX_LIMIT = 1000
+
+
+class InvalidCursor(ValueError):
+    """A cursor the feed did not hand out."""
+
+
+@dataclass
+class ChangesPage:
+    records: list[dict]
+    next_cursor: str
+    has_more: bool
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"c1:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        version, seq = text.split(":")
+        if version != "c1" or not seq.isdigit():
+            raise ValueError
+        return int(seq)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InvalidCursor(
+            f"{cursor!r} is not a cursor of this feed: pass the next_cursor of the previous "
+            "page, or no cursor to start from the beginning."
+        ) from None
+
+
+def crm_changes(*, cursor: str | None = None, limit: int = 100) -> ChangesPage:
+    """The daily records changed since `cursor`, oldest change first, in the
+    contract's shape, and the cursor to pass next.
+
+    Every write of a new version moves the row to the end of the feed
+    (change_seq, kept by a database trigger), and version writers commit in
+    change_seq order, so a consumer that follows next_cursor sees every row at
+    each version it held when read, and misses no change, even one committed
+    while it reads. Reads only; safe to repeat. Days before CRM_SYNC_FROM are
+    served too. Raises InvalidCursor for a cursor it did not hand out.
+    """
+    after = _decode_cursor(cursor) if cursor else 0
+    limit = max(1, min(limit, FEED_MAX_LIMIT))
+    rows = list(
+        ProcessedAttendance.objects.filter(change_seq__gt=after)
+        .order_by("change_seq")
+        .values(*_RECORD_FIELDS, "change_seq")[: limit + 1]
+    )
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1]["change_seq"] if rows else after
+    return ChangesPage(
+        records=render_records(rows), next_cursor=_encode_cursor(last), has_more=has_more
+    )

@@ -332,6 +332,10 @@ class ProcessedAttendance(models.Model):
     delivery_key = models.CharField(max_length=64, blank=True, default="", db_default="")
     delivery_version = models.PositiveIntegerField(null=True, blank=True)
     delivery_lease_until = models.DateTimeField(null=True, blank=True)
+    # Position in the pull feed (core.crm.crm_changes): set by a database
+    # trigger (migration 0008) whenever a row is written with a new version,
+    # so that every writer, present or future, keeps the feed.
+    change_seq = models.BigIntegerField(null=True, blank=True, editable=False)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -349,6 +353,7 @@ class ProcessedAttendance(models.Model):
             models.Index(fields=["work_date"], name="processed_work_date"),
             models.Index(fields=["sync_state", "next_sync_at"], name="processed_sync_due"),
             models.Index(fields=["updated_at"], name="processed_updated"),
+            models.Index(fields=["change_seq"], name="processed_change_seq"),
             # Partial: only rows in flight carry a key.
             models.Index(
                 fields=["delivery_key"],

@@ -751,3 +751,130 @@ def test_test_crm_stats_says_rejected_rows_wait_for_a_change(crm, capsys):
     call_command("test_crm", stats=True)
     out = capsys.readouterr().out
     assert "oldest undelivered: none pending or failed (1 rejected wait for a change" in out
+
+
+# --- The pull feed -------------------------------------------------------------------------
+
+
+def follow(cursor=None, *, limit=100, pages=1000):
+    """Follows the feed to its end; returns ({external_id: version}, records seen, cursor)."""
+    from core.crm import crm_changes
+
+    latest, seen = {}, 0
+    for _ in range(pages):
+        page = crm_changes(cursor=cursor, limit=limit)
+        for record in page.records:
+            latest[record["external_id"]] = record["version"]
+            seen += 1
+        cursor = page.next_cursor
+        if not page.has_more:
+            break
+    return latest, seen, cursor
+
+
+def test_the_feed_serves_every_row_in_change_order_and_a_changed_row_again():
+    from core.crm import crm_changes
+
+    ids = make_days(25)
+    first = crm_changes(limit=10)
+    assert len(first.records) == 10 and first.has_more
+    latest, seen, cursor = follow(first.next_cursor, limit=10)
+    assert seen == 15 and len(latest) == 15
+    assert crm_changes(cursor=cursor).records == []
+
+    changed = ProcessedAttendance.objects.get(pk=ids[3])
+    ProcessedAttendance.objects.filter(pk=changed.pk).update(version=F("version") + 1)
+    # Delivery bookkeeping is no change of the day.
+    ProcessedAttendance.objects.filter(pk=ids[4]).update(sync_state=State.SYNCED)
+    page = crm_changes(cursor=cursor)
+    assert [(r["external_id"], r["version"]) for r in page.records] == [
+        (f"{changed.user_id}:{changed.work_date}", 2)
+    ]
+    assert page.records[0]["clock_in"] == "2026-11-02T08:00:00+00:00"
+
+
+def test_the_feed_serves_days_before_crm_sync_from(settings):
+    settings.CRM_SYNC_FROM = datetime.date(2030, 1, 1)
+    make_days(3)
+    assert follow()[1] == 3
+
+
+def test_processed_days_enter_the_feed_and_an_hr_edit_moves_one_to_its_end():
+    from core.processing import attendance_edit, attendance_process
+    from core.tests.factories import RawAttendanceFactory
+
+    device = DeviceFactory()
+    for user_id in ("1001", "1002"):
+        for hour in (8, 17):
+            RawAttendanceFactory(
+                device=device,
+                user_id=user_id,
+                timestamp=datetime.datetime(2026, 11, 2, hour, 0, tzinfo=UTC),
+            )
+    attendance_process(full=True)
+    latest, seen, cursor = follow()
+    assert latest == {"1001:2026-11-02": 1, "1002:2026-11-02": 1}
+    day = ProcessedAttendance.objects.get(user_id="1001")
+    attendance_edit(
+        record_id=day.pk,
+        clock_in=day.clock_in - datetime.timedelta(hours=1),
+        clock_out=day.clock_out,
+        user=None,
+    )
+    assert follow(cursor)[0] == {"1001:2026-11-02": 2}
+
+
+def test_the_feed_misses_no_change_committed_while_a_consumer_reads():
+    from django.db import transaction
+
+    if connection.vendor == "sqlite" and connection.is_in_memory_db():
+        pytest.skip("needs PostgreSQL or a SQLite file, not the in-memory test database")
+    ids = make_days(120, users=20)
+    latest, _, cursor = follow()
+    assert len(latest) == 120
+    errors = []
+
+    def write(share):
+        # Each row changes once: a change the feed skipped would never come back.
+        try:
+            for pk in share:
+                with transaction.atomic():
+                    ProcessedAttendance.objects.filter(pk=pk).update(version=F("version") + 1)
+                    time.sleep(0.003)  # commit late, while the other writer commits
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    writers = [threading.Thread(target=write, args=(ids[n::2],)) for n in range(2)]
+    for writer in writers:
+        writer.start()
+    deadline = time.monotonic() + 60
+    while any(w.is_alive() for w in writers) and time.monotonic() < deadline:
+        page_latest, _, cursor = follow(cursor, limit=7)
+        latest.update(page_latest)
+    for writer in writers:
+        writer.join(timeout=10)
+    latest.update(follow(cursor)[0])
+    assert not errors
+    assert set(latest.values()) == {2}, sorted(k for k, v in latest.items() if v != 2)
+
+
+def test_the_changes_endpoint_needs_the_view_permission_and_a_valid_cursor(
+    client, django_user_model
+):
+    from django.contrib.auth.models import Permission
+
+    make_days(3)
+    url = "/api/processed-attendance/changes/"
+    user = django_user_model.objects.create_user("feed", is_staff=True)
+    client.force_login(user)
+    assert client.get(url).status_code == 403
+    user.user_permissions.add(Permission.objects.get(codename="view_processedattendance"))
+    answer = client.get(url, {"limit": 2}).json()
+    assert len(answer["results"]) == 2 and answer["has_more"]
+    rest = client.get(url, {"cursor": answer["next_cursor"]}).json()
+    assert len(rest["results"]) == 1 and not rest["has_more"]
+    bad = client.get(url, {"cursor": "not-a-cursor"})
+    assert bad.status_code == 400 and "not a cursor of this feed" in bad.json()["cursor"]
+    assert client.get(url, {"limit": 0}).status_code == 400
