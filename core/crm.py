@@ -273,6 +273,7 @@ _RECORD_FIELDS = (
     "clock_in_device__timezone",
     "clock_out_device__name",
     "clock_out_device__timezone",
+    "resend_count",
 )
 
 
@@ -457,7 +458,7 @@ def _claim(*, limit: int, config: _Config) -> tuple[str, list[dict], list[dict]]
                 .values(*_RECORD_FIELDS)
             )
             records = render_records(rows)
-            key = content_key(records)
+            key = content_key(rows)
             ProcessedAttendance.objects.filter(pk__in=ids).update(delivery_key=key, **claim)
         return key, rows, records
     # SQLite: one UPDATE whose WHERE re-checks that the rows are unclaimed;
@@ -472,7 +473,7 @@ def _claim(*, limit: int, config: _Config) -> tuple[str, list[dict], list[dict]]
     if not rows:
         return None
     records = render_records(rows)
-    key = content_key(records)
+    key = content_key(rows)
     ProcessedAttendance.objects.filter(delivery_key=token).update(delivery_key=key)
     return key, rows, records
 
@@ -542,15 +543,16 @@ def _claimed(key: str) -> list[dict]:
     return rows
 
 
-def content_key(records: list[dict]) -> str:
-    """The idempotency key of these records at these versions, whatever the run.
+def content_key(rows: list[dict]) -> str:
+    """The idempotency key of these rows at these versions, whatever the run.
 
     A batch sent again, even by a later run after its rows failed, goes under
     the key it first went under, so a CRM that honours keys stores it once.
+    A Resend (resend_count) makes a new key: the CRM is asked again.
     """
     digest = hashlib.sha256()
-    for external_id, version in sorted((r["external_id"], r["version"]) for r in records):
-        digest.update(f"{external_id}\x1f{version}\x1e".encode())
+    for row in sorted(rows, key=lambda r: r["pk"]):
+        digest.update(f"{row['pk']}\x1f{row['version']}\x1f{row['resend_count']}\x1e".encode())
     return digest.hexdigest()
 
 
@@ -736,7 +738,7 @@ def _one_by_one(
     """A refused batch, record by record, so one bad record holds back no other."""
     for position, (row, record) in enumerate(zip(rows, records, strict=True)):
         single = ProcessedAttendance.objects.filter(pk=row["pk"], delivery_key=key)
-        single_key = content_key([record])
+        single_key = content_key([row])
         single.update(delivery_lease_until=timezone.now() + config.lease)
         outcome, answer, attempts, why = _request(
             destination, records=[record], key=single_key, config=config, result=result
@@ -939,7 +941,10 @@ def crm_resend(*, ids: Iterable[int]) -> int:
     returns how many. The CRM ignores a version it holds, so a resend is safe.
     Idempotent; raises nothing."""
     return ProcessedAttendance.objects.filter(pk__in=list(ids)).update(
-        sync_state=State.PENDING, next_sync_at=None, sync_attempts=0
+        sync_state=State.PENDING,
+        next_sync_at=None,
+        sync_attempts=0,
+        resend_count=F("resend_count") + 1,
     )
 
 

@@ -332,6 +332,9 @@ class ProcessedAttendance(models.Model):
     delivery_key = models.CharField(max_length=64, blank=True, default="", db_default="")
     delivery_version = models.PositiveIntegerField(null=True, blank=True)
     delivery_lease_until = models.DateTimeField(null=True, blank=True)
+    # Part of the idempotency key: a Resend asks the CRM again, where a retry
+    # of the same version under the same key would get the first answer back.
+    resend_count = models.PositiveIntegerField(default=0, db_default=0)
     # Position in the pull feed (core.crm.crm_changes): set by a database
     # trigger (migration 0008) whenever a row is written with a new version,
     # so that every writer, present or future, keeps the feed.

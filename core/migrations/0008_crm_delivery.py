@@ -156,6 +156,11 @@ class Migration(migrations.Migration):
             model_name='deliverylog',
             index=models.Index(fields=['created_at'], name='delivery_log_created'),
         ),
+        migrations.AddField(
+            model_name='processedattendance',
+            name='resend_count',
+            field=models.PositiveIntegerField(db_default=0, default=0),
+        ),
         migrations.RunPython(
             _run({"postgresql": POSTGRES_UP, "sqlite": SQLITE_UP}),
             _run({"postgresql": POSTGRES_DOWN, "sqlite": SQLITE_DOWN}),

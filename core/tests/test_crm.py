@@ -878,3 +878,14 @@ def test_the_changes_endpoint_needs_the_view_permission_and_a_valid_cursor(
     bad = client.get(url, {"cursor": "not-a-cursor"})
     assert bad.status_code == 400 and "not a cursor of this feed" in bad.json()["cursor"]
     assert client.get(url, {"limit": 0}).status_code == 400
+
+
+def test_a_resend_asks_a_crm_that_honours_keys_again(crm):
+    ids = make_days(3)
+    crm_sync()
+    (first,) = crm.keys_seen()
+    crm.state.records.clear()  # the CRM lost its data (a restore)
+    assert crm_resend(ids=ids) == 3
+    assert crm_sync().sent == 3
+    assert crm.keys_seen()[1] != first and crm.state.stats.replays == 0
+    assert len(crm.held()) == 3
