@@ -43,7 +43,7 @@ from zoneinfo import ZoneInfo
 import requests
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, F
 from django.utils import timezone
 
 from core.models import DeliveryLog, ProcessedAttendance
@@ -415,11 +415,12 @@ class _Pacer:
 # --- Claiming ----------------------------------------------------------------------------
 
 
-def _due(*, now: datetime.datetime, sync_from: datetime.date | None):
+def _due(*, sync_from: datetime.date | None):
+    # Every writer of a pending row clears next_sync_at (processing, HR edits,
+    # crm_retry_failed, the admin's actions); only failed rows carry one. An
+    # OR on it made PostgreSQL scan a bitmap of every pending row.
     rows = ProcessedAttendance.objects.filter(
-        Q(next_sync_at__isnull=True) | Q(next_sync_at__lte=now),
-        sync_state=State.PENDING,
-        delivery_key="",
+        sync_state=State.PENDING, next_sync_at__isnull=True, delivery_key=""
     )
     if sync_from is not None:
         rows = rows.filter(work_date__gte=sync_from)
@@ -437,7 +438,7 @@ def _claim(*, limit: int, config: _Config) -> tuple[str, list[dict], list[dict]]
     now = timezone.now()
     # No ORDER BY: sorting every due row (with its joins) to take 100 cost
     # more than the rest of a batch; the index hands them out in its order.
-    due = _due(now=now, sync_from=config.sync_from).order_by()
+    due = _due(sync_from=config.sync_from).order_by()
     claim = {
         "delivery_version": F("version"),
         "delivery_lease_until": now + config.lease,
@@ -488,7 +489,7 @@ def _reclaim_stale(*, config: _Config) -> str | None:
     stale = ProcessedAttendance.objects.exclude(delivery_key="").filter(
         delivery_lease_until__lt=now
     )
-    for key in stale.values_list("delivery_key", flat=True).distinct()[:5]:
+    for key in stale.order_by().values_list("delivery_key", flat=True).distinct()[:5]:
         # Conditional on the lease still being over: of two runs, one wins.
         taken = ProcessedAttendance.objects.filter(
             delivery_key=key, delivery_lease_until__lt=now
@@ -802,8 +803,7 @@ def crm_sync(
         crm_retry_failed()
         budget = limit
         if budget is None:
-            now = timezone.now()
-            budget = _due(now=now, sync_from=config.sync_from).count() + (
+            budget = _due(sync_from=config.sync_from).count() + (
                 ProcessedAttendance.objects.exclude(delivery_key="").count()
             )
         # Batches a dead run left are taken first, once per run: they appear
@@ -849,7 +849,7 @@ def crm_preview(*, destination: Destination | None = None) -> str:
     own_destination = destination is None
     destination = destination or JsonContractDestination.from_settings()
     try:
-        due = _due(now=timezone.now(), sync_from=settings.CRM_SYNC_FROM).order_by("pk")
+        due = _due(sync_from=settings.CRM_SYNC_FROM).order_by("pk")
         rows = list(due.values(*_RECORD_FIELDS)[: settings.CRM_BATCH_SIZE])
         if not rows:
             return ""

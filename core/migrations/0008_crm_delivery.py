@@ -11,6 +11,8 @@ from django.db import migrations, models
 # sees a higher change_seq before a lower one commits (processing and HR edits
 # already serialise on the processing lock, which they take first). SQLite has
 # one writer at a time, so the next number after the highest is enough.
+# Both fire only for statements that write version: delivery bookkeeping,
+# which never does, pays nothing.
 FEED_LOCK = 804_101  # any constant shared by every writer
 
 POSTGRES_UP = [
@@ -28,7 +30,7 @@ POSTGRES_UP = [
     """,
     """
     CREATE TRIGGER core_processed_mark_change
-    BEFORE INSERT OR UPDATE ON core_processedattendance
+    BEFORE INSERT OR UPDATE OF version ON core_processedattendance
     FOR EACH ROW EXECUTE FUNCTION core_processed_mark_change()
     """,
     """

@@ -761,7 +761,9 @@ def test_the_number_of_queries_does_not_grow_with_the_number_of_groups(door):
         assert result.rows_created == employees
         return len(queries)
 
-    assert queries_for_one_new_day(3) == queries_for_one_new_day(30)
+    # 25, not more: on SQLite, bulk_create splits at 999 parameters, 28 rows of
+    # ProcessedAttendance's 35 columns: one statement more per 28 new days.
+    assert queries_for_one_new_day(3) == queries_for_one_new_day(25)
 
 
 def test_an_incremental_run_stays_within_a_fixed_number_of_queries(
