@@ -1,8 +1,9 @@
 """Daily records out: delivery of ProcessedAttendance rows to the CRM.
 
 A row is due when processing (or HR) wrote a new version of it: sync_state
-pending. A run claims up to CRM_BATCH_SIZE due rows under a fresh idempotency
-key, POSTs them outside any database transaction, and then books the answer:
+pending. A run claims up to CRM_BATCH_SIZE due rows under an idempotency key
+derived from their ids and versions (content_key), POSTs them outside any
+database transaction, and then books the answer:
 only rows still at the version that was sent become synced; a row recomputed
 while its batch was in flight stays pending and goes again.
 
@@ -19,7 +20,8 @@ Why this loses nothing and doubles nothing:
   holds (docs/crm-contract.md), so sending a row twice is harmless.
 
 Destinations plug in through the small `Destination` interface; the JSON
-contract (`JsonContractDestination`) is the one shipped.
+contract (`JsonContractDestination`) is the one shipped. The pull feed
+(crm_changes) serves the same records to CRMs that fetch.
 """
 
 import base64

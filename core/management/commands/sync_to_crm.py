@@ -13,7 +13,9 @@ def positive(value: str) -> int:
 class Command(BaseCommand):
     help = (
         "Sends the daily records the CRM does not hold at their latest version "
-        "(see docs/crm-contract.md)."
+        "(see docs/crm-contract.md). Runs with the server's own rights; the admin's "
+        "Resend to the CRM (permission core.resend_processedattendance) and Reset failed "
+        "deliveries (core.reset_failed_processedattendance) only make days due for it."
     )
 
     def add_arguments(self, parser):
