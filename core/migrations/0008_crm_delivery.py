@@ -6,32 +6,57 @@ from django.db import migrations, models
 
 
 # The pull feed's order: a row written with a new version takes the next
-# change_seq. On PostgreSQL the trigger first takes a transaction-long advisory
-# lock, so that version writers commit in change_seq order and a reader never
-# sees a higher change_seq before a lower one commits (processing and HR edits
-# already serialise on the processing lock, which they take first). SQLite has
-# one writer at a time, so the next number after the highest is enough.
-# Both fire only for statements that write version: delivery bookkeeping,
-# which never does, pays nothing.
+# change_seq, and version writers commit in change_seq order, so a reader never
+# sees a higher change_seq before a lower one commits.
+# PostgreSQL: a statement-level trigger takes a transaction-long advisory lock
+# before any row of a statement that inserts rows or writes version (processing
+# and HR edits already serialise on the processing lock, which they take
+# first); the numbers come after it. A new row takes its number from the
+# column default, so the bulk COPY of a processing run pays no row trigger; a
+# row inserted with an explicit NULL (the ORM) and a row whose version changes
+# get theirs from a row trigger whose WHEN clause skips every other row.
+# SQLite has one writer at a time, so the next number after the highest is enough.
+# Delivery bookkeeping never writes version, and pays nothing.
 FEED_LOCK = 804_101  # any constant shared by every writer
 
 POSTGRES_UP = [
     "CREATE SEQUENCE IF NOT EXISTS core_processed_change_seq",
+    """
+    ALTER TABLE core_processedattendance
+    ALTER COLUMN change_seq SET DEFAULT nextval('core_processed_change_seq')
+    """,
     f"""
+    CREATE OR REPLACE FUNCTION core_processed_feed_lock() RETURNS trigger AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock({FEED_LOCK});
+        RETURN NULL;
+    END
+    $$ LANGUAGE plpgsql
+    """,
+    """
+    CREATE TRIGGER core_processed_feed_lock
+    BEFORE INSERT OR UPDATE OF version ON core_processedattendance
+    FOR EACH STATEMENT EXECUTE FUNCTION core_processed_feed_lock()
+    """,
+    """
     CREATE OR REPLACE FUNCTION core_processed_mark_change() RETURNS trigger AS $$
     BEGIN
-        IF TG_OP = 'INSERT' OR NEW.version IS DISTINCT FROM OLD.version THEN
-            PERFORM pg_advisory_xact_lock({FEED_LOCK});
-            NEW.change_seq := nextval('core_processed_change_seq');
-        END IF;
+        NEW.change_seq := nextval('core_processed_change_seq');
         RETURN NEW;
     END
     $$ LANGUAGE plpgsql
     """,
     """
+    CREATE TRIGGER core_processed_mark_insert
+    BEFORE INSERT ON core_processedattendance
+    FOR EACH ROW WHEN (NEW.change_seq IS NULL)
+    EXECUTE FUNCTION core_processed_mark_change()
+    """,
+    """
     CREATE TRIGGER core_processed_mark_change
-    BEFORE INSERT OR UPDATE OF version ON core_processedattendance
-    FOR EACH ROW EXECUTE FUNCTION core_processed_mark_change()
+    BEFORE UPDATE OF version ON core_processedattendance
+    FOR EACH ROW WHEN (NEW.version IS DISTINCT FROM OLD.version)
+    EXECUTE FUNCTION core_processed_mark_change()
     """,
     """
     UPDATE core_processedattendance SET change_seq = numbered.seq
@@ -42,7 +67,11 @@ POSTGRES_UP = [
 ]
 POSTGRES_DOWN = [
     "DROP TRIGGER IF EXISTS core_processed_mark_change ON core_processedattendance",
+    "DROP TRIGGER IF EXISTS core_processed_mark_insert ON core_processedattendance",
+    "DROP TRIGGER IF EXISTS core_processed_feed_lock ON core_processedattendance",
     "DROP FUNCTION IF EXISTS core_processed_mark_change()",
+    "DROP FUNCTION IF EXISTS core_processed_feed_lock()",
+    "ALTER TABLE core_processedattendance ALTER COLUMN change_seq DROP DEFAULT",
     "DROP SEQUENCE IF EXISTS core_processed_change_seq",
 ]
 _NEXT = "(SELECT COALESCE(MAX(change_seq), 0) + 1 FROM core_processedattendance)"
