@@ -35,6 +35,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ EXCERPT_CHARS = 500
 TRANSIENT_STATUSES = {408, 425, 429}
 # Rows of one stale batch sent again per run before new work; bounds the loop.
 MAX_STALE_BATCHES_PER_RUN = 100
+# Batches claimed by one statement (PostgreSQL): fewer database round trips,
+# and a lease as many times longer, since they are sent one after the other.
+CLAIM_BATCHES = 10
 
 
 class CrmError(Exception):
@@ -429,56 +433,74 @@ def _due(*, sync_from: datetime.date | None):
     return rows
 
 
-def _claim(*, limit: int, config: _Config) -> tuple[str, list[dict], list[dict]] | None:
-    """Claims up to `limit` due rows; returns their key, rows and records, None when
-    none is due.
+def _claim(
+    *, limit: int, config: _Config, batches: int = 1
+) -> list[tuple[str, list[dict], list[dict]]]:
+    """Claims up to `batches` batches of due rows, `limit` rows in all; returns
+    each batch's key, rows and records, oldest id first; [] when none is due.
 
-    The key is the content's (content_key), written on the rows before any
-    request, so a run that dies after its POST is followed by one that
-    resends under the same key.
+    A batch's key is its content's (content_key), written on its rows before
+    any request, so a run that dies after a POST is followed by one that
+    resends that batch under the same key. The lease covers every batch of
+    the claim, sent one after the other.
     """
     now = timezone.now()
     # No ORDER BY: sorting every due row (with its joins) to take 100 cost
     # more than the rest of a batch; the index hands them out in its order.
     due = _due(sync_from=config.sync_from).order_by()
-    claim = {
-        "delivery_version": F("version"),
-        "delivery_lease_until": now + config.lease,
-        # Also tells processing the CRM may have seen the row: it then empties
-        # a vanished day instead of deleting it.
-        "last_sync_attempt": now,
-    }
+    lease_until = now + config.lease * batches
     if connection.features.has_select_for_update_skip_locked:
         # Rows locked here are skipped by another run's claim, and cannot
-        # change before the key naming their versions is written.
+        # change before the keys naming their versions are written. Several
+        # batches in one SELECT and one UPDATE: a claim per batch cost more
+        # database round trips than the batch's request.
         with _bookkeeping():
-            ids = list(due.select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
-            if not ids:
-                return None
             rows = list(
-                ProcessedAttendance.objects.filter(pk__in=ids)
-                .order_by("pk")
-                .values(*_RECORD_FIELDS)
+                due.select_for_update(skip_locked=True, of=("self",)).values(*_RECORD_FIELDS)[
+                    :limit
+                ]
             )
-            records = render_records(rows)
-            key = content_key(rows)
-            ProcessedAttendance.objects.filter(pk__in=ids).update(delivery_key=key, **claim)
-        return key, rows, records
+            if not rows:
+                return []
+            rows.sort(key=lambda row: row["pk"])
+            chunks = [
+                rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)
+            ]
+            keys = [content_key(chunk) for chunk in chunks]
+            ids = [row["pk"] for row in rows]
+            row_keys = [key for key, chunk in zip(keys, chunks, strict=True) for _ in chunk]
+            table = connection.ops.quote_name(ProcessedAttendance._meta.db_table)
+            with connection.cursor() as cursor:
+                # Also tells processing the CRM may have seen the row (last_sync_attempt):
+                # it then empties a vanished day instead of deleting it.
+                cursor.execute(
+                    f"UPDATE {table} AS p SET delivery_key = v.key, delivery_version = p.version, "
+                    "delivery_lease_until = %s, last_sync_attempt = %s "
+                    "FROM unnest(%s::bigint[], %s::text[]) AS v(id, key) WHERE p.id = v.id",
+                    [lease_until, now, ids, row_keys],
+                )
+        return [
+            (key, chunk, render_records(chunk)) for key, chunk in zip(keys, chunks, strict=True)
+        ]
     # SQLite: one UPDATE whose WHERE re-checks that the rows are unclaimed;
     # SQLite runs one writer at a time, so no other run can claim between.
     token = f"claim-{uuid.uuid4().hex}"
     claimed = ProcessedAttendance.objects.filter(
-        pk__in=due.values("pk")[:limit], delivery_key=""
-    ).update(delivery_key=token, **claim)
+        pk__in=due.values("pk")[: min(limit, config.batch_size)], delivery_key=""
+    ).update(
+        delivery_key=token,
+        delivery_version=F("version"),
+        delivery_lease_until=now + config.lease,
+        last_sync_attempt=now,
+    )
     if not claimed:
-        return None
+        return []
     rows = _claimed(token)
     if not rows:
-        return None
-    records = render_records(rows)
+        return []
     key = content_key(rows)
     ProcessedAttendance.objects.filter(delivery_key=token).update(delivery_key=key)
-    return key, rows, records
+    return [(key, rows, render_records(rows))]
 
 
 def _reclaim_stale(*, config: _Config) -> str | None:
@@ -580,10 +602,14 @@ def _request(
     key: str,
     config: _Config,
     result: SyncResult,
-) -> tuple[str, Answer, int, str]:
+) -> tuple[str, Answer, int, str, DeliveryLog | None]:
     """Sends one request, retrying transient failures with backoff and jitter.
 
-    Returns (outcome, last answer, attempts, why it gave up on a transient failure).
+    Returns (outcome, last answer, attempts, why it gave up on a transient
+    failure, the last attempt's log entry when not yet written). Each attempt
+    that is retried is logged at once; the last one is written by the caller
+    in the transaction that books its answer (`_save_log` or `_book`), one
+    commit instead of two.
     """
     for attempt in range(1, config.max_retries + 2):
         if connection.in_atomic_block:
@@ -592,23 +618,23 @@ def _request(
         answer = destination.send(records=records, key=key)
         result.requests += 1
         outcome = _classify(answer)
-        with _bookkeeping():
-            DeliveryLog.objects.create(
-                destination=destination.label[:200],
-                idempotency_key=key,
-                attempt=attempt,
-                records=len(records),
-                external_ids=" ".join(r["external_id"] for r in records[:5]),
-                status_code=answer.status,
-                outcome=outcome,
-                duration_ms=answer.duration_ms,
-                response_excerpt=answer.excerpt,
-                error=answer.error,
-            )
+        log = DeliveryLog(
+            destination=destination.label[:200],
+            idempotency_key=key,
+            attempt=attempt,
+            records=len(records),
+            external_ids=" ".join(r["external_id"] for r in records[:5]),
+            status_code=answer.status,
+            outcome=outcome,
+            duration_ms=answer.duration_ms,
+            response_excerpt=answer.excerpt,
+            error=answer.error,
+        )
         if outcome != Outcome.TRANSIENT:
-            return outcome, answer, attempt, ""
+            return outcome, answer, attempt, "", log
         if attempt > config.max_retries:
-            return outcome, answer, attempt, f"{attempt} attempts"
+            return outcome, answer, attempt, f"{attempt} attempts", log
+        _save_log(log)
         wait = min(config.max_wait, config.backoff * 2 ** (attempt - 1))
         wait *= config.rng.uniform(0.5, 1.0)
         if answer.retry_after is not None:
@@ -619,10 +645,17 @@ def _request(
                     attempt,
                     f"the CRM asked to wait {answer.retry_after:g} s, more than "
                     f"CRM_RETRY_MAX_WAIT_SECONDS ({config.max_wait:g})",
+                    log,
                 )
             wait = max(wait, answer.retry_after)
         config.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def _save_log(log: DeliveryLog | None) -> None:
+    if log is not None:
+        with _bookkeeping():
+            log.save()
 
 
 def _book(
@@ -634,12 +667,14 @@ def _book(
     error: str = "",
     next_sync_at: datetime.datetime | None = None,
     claimed: int | None = None,
+    log: DeliveryLog | None = None,
 ) -> tuple[int, int]:
     """Books an answer on claimed rows; returns (rows booked, rows changed in flight).
 
     Only rows still at the version that was sent take the new state; the rest
     are released as they are (pending: processing made them due again).
     `claimed`, when known, saves looking for the rest when there is none.
+    `log`, the answer's delivery log entry, is written in the same transaction.
     """
     values = {
         "sync_attempts": F("sync_attempts") + attempts,
@@ -654,6 +689,8 @@ def _book(
     if state == State.SYNCED:
         values["synced_version"] = F("delivery_version")
     with _bookkeeping():
+        if log is not None:
+            log.save()
         booked = rows.filter(version=F("delivery_version")).update(sync_state=state, **values)
         if booked == claimed:
             return booked, 0
@@ -678,32 +715,57 @@ def _deliver(
     if not records:
         return records
     claimed = ProcessedAttendance.objects.filter(delivery_key=key)
-    outcome, answer, attempts, why = _request(
+    outcome, answer, attempts, why, log = _request(
         destination, records=records, key=key, config=config, result=result
     )
     result.batches += 1
     if outcome == Outcome.ACKNOWLEDGED:
         booked, changed = _book(
-            claimed, state=State.SYNCED, answer=answer, attempts=attempts, claimed=len(records)
+            claimed,
+            state=State.SYNCED,
+            answer=answer,
+            attempts=attempts,
+            claimed=len(records),
+            log=log,
         )
         result.sent += booked
         result.superseded += changed
     elif outcome == Outcome.TRANSIENT:
-        _fail(claimed, answer=answer, attempts=attempts, why=why, config=config, result=result)
+        _fail(
+            claimed,
+            answer=answer,
+            attempts=attempts,
+            why=why,
+            config=config,
+            result=result,
+            log=log,
+        )
     elif outcome == Outcome.CREDENTIALS:
+        _save_log(log)
         _stop_for_credentials(claimed, answer=answer, result=result)
     elif 300 <= (answer.status or 0) < 400:
+        _save_log(log)
         _release(claimed)
         result.stopped = (
             f"the CRM answered HTTP {answer.status} (a redirect); set CRM_API_URL to the "
             "address it names. Nothing was changed."
         )
     else:
+        _save_log(log)
         _one_by_one(destination, key=key, rows=rows, records=records, config=config, result=result)
     return records
 
 
-def _fail(rows, *, answer: Answer, attempts: int, why: str, config: _Config, result: SyncResult):
+def _fail(
+    rows,
+    *,
+    answer: Answer,
+    attempts: int,
+    why: str,
+    config: _Config,
+    result: SyncResult,
+    log: DeliveryLog | None = None,
+):
     wait = max(config.retry_failed_after.total_seconds(), answer.retry_after or 0)
     error = f"{answer.describe()} (gave up after {why})"
     booked, changed = _book(
@@ -713,6 +775,7 @@ def _fail(rows, *, answer: Answer, attempts: int, why: str, config: _Config, res
         attempts=attempts,
         error=error,
         next_sync_at=timezone.now() + datetime.timedelta(seconds=wait),
+        log=log,
     )
     result.failed += booked
     result.superseded += changed
@@ -743,13 +806,15 @@ def _one_by_one(
         single = ProcessedAttendance.objects.filter(pk=row["pk"], delivery_key=key)
         single_key = content_key([row])
         single.update(delivery_lease_until=timezone.now() + config.lease)
-        outcome, answer, attempts, why = _request(
+        outcome, answer, attempts, why, log = _request(
             destination, records=[record], key=single_key, config=config, result=result
         )
         # The batch attempt counts too.
         attempts += 1
         if outcome == Outcome.ACKNOWLEDGED:
-            booked, changed = _book(single, state=State.SYNCED, answer=answer, attempts=attempts)
+            booked, changed = _book(
+                single, state=State.SYNCED, answer=answer, attempts=attempts, log=log
+            )
             result.sent += booked
             result.superseded += changed
             continue
@@ -760,6 +825,7 @@ def _one_by_one(
                 answer=answer,
                 attempts=attempts,
                 error=f"The CRM refused this record: {answer.describe()}",
+                log=log,
             )
             result.rejected += booked
             result.superseded += changed
@@ -768,9 +834,18 @@ def _one_by_one(
             pk__in=[r["pk"] for r in rows[position + 1 :]], delivery_key=key
         )
         if outcome == Outcome.TRANSIENT:
-            _fail(single, answer=answer, attempts=attempts, why=why, config=config, result=result)
+            _fail(
+                single,
+                answer=answer,
+                attempts=attempts,
+                why=why,
+                config=config,
+                result=result,
+                log=log,
+            )
             _release(rest)
         else:
+            _save_log(log)
             _stop_for_credentials(single, answer=answer, result=result)
             _release(rest)
         return
@@ -811,32 +886,44 @@ def crm_sync(
         # Batches a dead run left are taken first, once per run: they appear
         # only when a run dies, and looking for them costs a query.
         looking_for_stale = True
+        # Claimed batches not sent yet; released when the run ends early.
+        queued: deque[tuple[str, list[dict], list[dict]]] = deque()
         # A row changed while in flight is due again and goes again in this
         # run, outside the budget; this bounds the run should changes never stop.
         batches_left = 2 * (budget // config.batch_size + 1) + MAX_STALE_BATCHES_PER_RUN
         while budget > 0 and batches_left > 0 and not result.stopped:
             batches_left -= 1
             key = None
-            if looking_for_stale and result.replayed_batches < MAX_STALE_BATCHES_PER_RUN:
-                key = _reclaim_stale(config=config)
+            if not queued and looking_for_stale:
+                if result.replayed_batches < MAX_STALE_BATCHES_PER_RUN:
+                    key = _reclaim_stale(config=config)
                 if key:
                     result.replayed_batches += 1
+                    rows = _claimed(key)
+                    queued.append((key, rows, render_records(rows)))
                 else:
                     looking_for_stale = False
-            if key:
-                rows = _claimed(key)
-                records = render_records(rows)
-            else:
-                claim = _claim(limit=min(config.batch_size, budget), config=config)
-                if claim is None:
+            if not queued:
+                queued.extend(
+                    _claim(
+                        limit=min(config.batch_size * CLAIM_BATCHES, budget),
+                        config=config,
+                        batches=CLAIM_BATCHES,
+                    )
+                )
+                if not queued:
                     break
-                key, rows, records = claim
+            key, rows, records = queued.popleft()
             superseded = result.superseded
             sent = _deliver(
                 destination, key=key, rows=rows, records=records, config=config, result=result
             )
             budget -= max(1, len(sent) - (result.superseded - superseded))
     finally:
+        # Not sent: due again at once, for this run's successor or another run.
+        keys = [key for key, _rows, _records in queued]
+        if keys:
+            _release(ProcessedAttendance.objects.filter(delivery_key__in=keys))
         if own_destination:
             destination.close()
     result.seconds = time.monotonic() - started
