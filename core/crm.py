@@ -1,17 +1,19 @@
-"""Daily records out: delivery of ProcessedAttendance rows to the CRM.
+"""Records out: delivery of ProcessedAttendance rows (and, with CRM_PUNCHES_URL,
+raw punches) to the CRM.
 
 A row is due when processing (or HR) wrote a new version of it: sync_state
-pending. A run claims up to CRM_BATCH_SIZE due rows under an idempotency key
-derived from their ids and versions (content_key), POSTs them outside any
-database transaction, and then books the answer:
+pending. A run claims batches of up to CRM_BATCH_SIZE due rows, each under an
+idempotency key derived from their ids and versions (content_key), POSTs them
+outside any database transaction, and then books the answer:
 only rows still at the version that was sent become synced; a row recomputed
 while its batch was in flight stays pending and goes again.
 
 Why this loses nothing and doubles nothing:
 
-- Claiming is one conditional write (SELECT … FOR UPDATE SKIP LOCKED on
-  PostgreSQL, a single UPDATE … WHERE unclaimed on SQLite), so two runs never
-  hold the same row. The claim stores the key, the version and a lease.
+- Claiming is one conditional write (SELECT … FOR UPDATE SKIP LOCKED and an
+  UPDATE on PostgreSQL, up to CLAIM_BATCHES batches at once; a single
+  UPDATE … WHERE unclaimed on SQLite), so two runs never hold the same row.
+  The claim stores each batch's key, the version and a lease.
 - A run that dies after its POST leaves the claim behind. Once the lease is
   over, the next run sends that batch again under the same key, without the
   rows that changed since (a CRM that honours the key would answer the first
@@ -19,10 +21,14 @@ Why this loses nothing and doubles nothing:
 - The CRM upserts by external_id and ignores a version older than the one it
   holds (docs/crm-contract.md), so sending a row twice is harmless.
 
+Raw punches go through the same claim, request and booking code (a `_Queue`
+each): a punch gets a PunchDelivery row when a run registers it
+(_punches_register explains which punches can be new), and that row is
+delivered as a daily record is, one device per request.
+
 Destinations plug in through the small `Destination` interface; the JSON
 contract (`JsonContractDestination`) is the one shipped. The pull feed
-(crm_changes) serves the same records to CRMs that fetch.
-"""
+(crm_changes) serves the same records to CRMs that fetch."""
 
 import base64
 import binascii
