@@ -29,7 +29,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run",
             action="store_true",
-            help="Print the first request it would send; send nothing, change nothing.",
+            help=(
+                "Print the first request of daily records it would send; send nothing, "
+                "change nothing (raw punches are not previewed)."
+            ),
         )
 
     def handle(self, *args, limit=None, dry_run=False, **options):
