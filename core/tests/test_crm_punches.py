@@ -277,3 +277,40 @@ def test_sync_to_crm_and_test_crm_stats_report_punches(crm, door, settings, caps
     out = capsys.readouterr().out
     assert "raw punches: pending 0, synced 2, failed 0, rejected 0, held 0; in flight 0" in out
     assert f"{crm.punches_url}: reachable, credentials accepted" in out
+
+
+def test_a_refused_batch_goes_punch_by_punch_and_only_the_bad_one_is_rejected(crm, door):
+    crm.reject_user_ids = {"1003"}
+    for n in range(4):
+        punch(door, str(1001 + n), f"2026-11-02 08:0{n}")
+    result = sync_at(START)
+    assert (result.sent, result.rejected, result.requests) == (3, 1, 5)
+    rejected = PunchDelivery.objects.get(sync_state="rejected")
+    assert rejected.raw.user_id == "1003" and rejected.crm_status == 422
+    assert "not known to this CRM" in rejected.crm_response
+    assert {key[1] for key in crm.punches()} == {"1001", "1002", "1004"}
+    # Not retried until someone acts on it.
+    assert sync_at(START + M).requests == 0
+
+
+def test_a_crash_after_the_post_resends_the_punches_under_the_same_key(crm, door):
+    from core.crm import PUNCHES, JsonContractDestination, _claim, _Config, _punches_register
+
+    punch(door, "1001", "2026-11-02 08:00")
+    punch(door, "1001", "2026-11-02 17:00")
+    with time_machine.travel(START, tick=False):
+        _punches_register(sync_from=None)
+        config = _Config.load(sleep=lambda seconds: None, batch_size=None)
+        ((key, rows, records),) = _claim(limit=10, config=config, queue=PUNCHES)
+        # The run POSTs, the CRM stores the batch, and the run dies before booking.
+        destination = JsonContractDestination.from_settings(punches=True)
+        assert (
+            destination.send(records=records, key=key, envelope=PUNCHES.envelope(rows)).status
+            == 200
+        )
+        destination.close()
+    assert sync_at(START + M).sent == 0  # its lease is not over: nobody takes it
+    result = sync_at(START + config.lease + 2 * M)
+    assert (result.sent, result.replayed_batches) == (2, 1)
+    assert crm.keys_seen() == [key, key]
+    assert crm.state.stats.replays == 1 and crm.state.stats.punches_duplicated == 0
