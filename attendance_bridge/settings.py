@@ -289,6 +289,14 @@ if CRM_API_URL and not CRM_API_URL.startswith(("http://", "https://")):
     raise ImproperlyConfigured(
         f"CRM_API_URL must start with http:// or https://, got {CRM_API_URL!r}"
     )
+# Where raw punches are POSTed too, one device per request (the punch contract
+# in docs/crm-contract.md), with the same credentials, batching, retries and
+# delivery log as daily records; empty turns the raw punch export off.
+CRM_PUNCHES_URL = envstr("CRM_PUNCHES_URL", "").strip()
+if CRM_PUNCHES_URL and not CRM_PUNCHES_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(
+        f"CRM_PUNCHES_URL must start with http:// or https://, got {CRM_PUNCHES_URL!r}"
+    )
 # The Authorization header's scheme: CRMs differ (Token for Django REST
 # framework's TokenAuthentication, Bearer for OAuth-style tokens).
 CRM_AUTH_SCHEME = envstr("CRM_AUTH_SCHEME", "Token").strip()

@@ -1,17 +1,19 @@
-"""Daily records out: delivery of ProcessedAttendance rows to the CRM.
+"""Records out: delivery of ProcessedAttendance rows (and, with CRM_PUNCHES_URL,
+raw punches) to the CRM.
 
 A row is due when processing (or HR) wrote a new version of it: sync_state
-pending. A run claims up to CRM_BATCH_SIZE due rows under an idempotency key
-derived from their ids and versions (content_key), POSTs them outside any
-database transaction, and then books the answer:
+pending. A run claims batches of up to CRM_BATCH_SIZE due rows, each under an
+idempotency key derived from their ids and versions (content_key), POSTs them
+outside any database transaction, and then books the answer:
 only rows still at the version that was sent become synced; a row recomputed
 while its batch was in flight stays pending and goes again.
 
 Why this loses nothing and doubles nothing:
 
-- Claiming is one conditional write (SELECT … FOR UPDATE SKIP LOCKED on
-  PostgreSQL, a single UPDATE … WHERE unclaimed on SQLite), so two runs never
-  hold the same row. The claim stores the key, the version and a lease.
+- Claiming is one conditional write (SELECT … FOR UPDATE SKIP LOCKED and an
+  UPDATE on PostgreSQL, up to CLAIM_BATCHES batches at once; a single
+  UPDATE … WHERE unclaimed on SQLite), so two runs never hold the same row.
+  The claim stores each batch's key, the version and a lease.
 - A run that dies after its POST leaves the claim behind. Once the lease is
   over, the next run sends that batch again under the same key, without the
   rows that changed since (a CRM that honours the key would answer the first
@@ -19,10 +21,14 @@ Why this loses nothing and doubles nothing:
 - The CRM upserts by external_id and ignores a version older than the one it
   holds (docs/crm-contract.md), so sending a row twice is harmless.
 
+Raw punches go through the same claim, request and booking code (a `_Queue`
+each): a punch gets a PunchDelivery row when a run registers it
+(_punches_register explains which punches can be new), and that row is
+delivered as a daily record is, one device per request.
+
 Destinations plug in through the small `Destination` interface; the JSON
 contract (`JsonContractDestination`) is the one shipped. The pull feed
-(crm_changes) serves the same records to CRMs that fetch.
-"""
+(crm_changes) serves the same records to CRMs that fetch."""
 
 import base64
 import binascii
@@ -35,6 +41,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,10 +52,18 @@ from zoneinfo import ZoneInfo
 import requests
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, F
+from django.db.models import Count, F, Max
 from django.utils import timezone
 
-from core.models import DeliveryLog, ProcessedAttendance
+from core.models import (
+    DeliveryLog,
+    Device,
+    Employee,
+    ProcessedAttendance,
+    ProcessingState,
+    PunchDelivery,
+    RawAttendance,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +76,9 @@ EXCERPT_CHARS = 500
 TRANSIENT_STATUSES = {408, 425, 429}
 # Rows of one stale batch sent again per run before new work; bounds the loop.
 MAX_STALE_BATCHES_PER_RUN = 100
+# Batches claimed by one statement (PostgreSQL): fewer database round trips,
+# and a lease as many times longer, since they are sent one after the other.
+CLAIM_BATCHES = 10
 
 
 class CrmError(Exception):
@@ -97,17 +115,18 @@ class Answer:
 
 class Destination(Protocol):
     """Where records go. `send` delivers a list of contract records (see
-    `render_records`) under an idempotency key and returns the answer without
-    raising for network trouble; `check` proves reachability and credentials
+    `render_records`, or `render_punches` with the `envelope` that names their
+    device) under an idempotency key and returns the answer without raising
+    for network trouble; `check` proves reachability and credentials
     without changing data; `preview` shows the request `send` would make."""
 
     label: str
 
-    def send(self, *, records: list[dict], key: str) -> Answer: ...
+    def send(self, *, records: list[dict], key: str, envelope: dict | None = None) -> Answer: ...
 
     def check(self) -> Answer: ...
 
-    def preview(self, *, records: list[dict], key: str) -> str: ...
+    def preview(self, *, records: list[dict], key: str, envelope: dict | None = None) -> str: ...
 
     def close(self) -> None: ...
 
@@ -144,10 +163,17 @@ class JsonContractDestination:
             self.session.headers["Authorization"] = f"{auth_scheme} {token}"
 
     @classmethod
-    def from_settings(cls) -> "JsonContractDestination":
-        """Raises CrmConfigError when push is off or a file it names cannot be read."""
-        if not settings.CRM_API_URL:
-            raise CrmConfigError("Push to the CRM is off: CRM_API_URL is not set.")
+    def from_settings(cls, *, punches: bool = False) -> "JsonContractDestination":
+        """The daily records' destination (CRM_API_URL), or with `punches` the raw
+        punches' (CRM_PUNCHES_URL), with the same credentials. Raises
+        CrmConfigError when that push is off or a file it names cannot be read."""
+        url = settings.CRM_PUNCHES_URL if punches else settings.CRM_API_URL
+        if not url:
+            raise CrmConfigError(
+                "Raw punch export is off: CRM_PUNCHES_URL is not set."
+                if punches
+                else "Push to the CRM is off: CRM_API_URL is not set."
+            )
         token = settings.CRM_API_TOKEN
         if settings.CRM_API_TOKEN_FILE:
             try:
@@ -162,7 +188,7 @@ class JsonContractDestination:
         if settings.CRM_CA_BUNDLE and not Path(settings.CRM_CA_BUNDLE).is_file():
             raise CrmConfigError(f"CRM_CA_BUNDLE {settings.CRM_CA_BUNDLE} is not a file.")
         return cls(
-            url=settings.CRM_API_URL,
+            url=url,
             token=token,
             auth_scheme=settings.CRM_AUTH_SCHEME,
             signing_secret=settings.CRM_SIGNING_SECRET,
@@ -172,10 +198,13 @@ class JsonContractDestination:
             bridge_name=settings.CRM_BRIDGE_NAME,
         )
 
-    def body(self, records: list[dict]) -> bytes:
-        source = {"bridge": self.bridge_name, "sent_at": timezone.now().isoformat()}
+    def body(self, records: list[dict], envelope: dict | None = None) -> bytes:
+        if envelope is None:
+            envelope = {
+                "source": {"bridge": self.bridge_name, "sent_at": timezone.now().isoformat()}
+            }
         return json.dumps(
-            {"source": source, "records": records}, separators=(",", ":"), ensure_ascii=False
+            {**envelope, "records": records}, separators=(",", ":"), ensure_ascii=False
         ).encode()
 
     def headers(self, *, body: bytes, key: str) -> dict[str, str]:
@@ -188,16 +217,16 @@ class JsonContractDestination:
             )
         return headers
 
-    def send(self, *, records: list[dict], key: str) -> Answer:
-        return self._post(self.body(records), key)
+    def send(self, *, records: list[dict], key: str, envelope: dict | None = None) -> Answer:
+        return self._post(self.body(records, envelope), key)
 
     def check(self) -> Answer:
         # An empty batch: the contract says it changes nothing and answers 2xx
         # when the credentials are good.
         return self._post(self.body([]), f"check-{uuid.uuid4().hex}")
 
-    def preview(self, *, records: list[dict], key: str) -> str:
-        body = self.body(records)
+    def preview(self, *, records: list[dict], key: str, envelope: dict | None = None) -> str:
+        body = self.body(records, envelope)
         headers = {**self.session.headers, **self.headers(body=body, key=key)}
         if "Authorization" in headers:
             headers["Authorization"] = f"{self.auth_scheme} ****"
@@ -323,6 +352,140 @@ def render_records(rows: Iterable[dict]) -> list[dict]:
     return records
 
 
+# --- Raw punches as the punch contract writes them -------------------------------------
+
+_PUNCH_FIELDS = (
+    "pk",
+    "version",
+    "resend_count",
+    "raw__user_id",
+    "raw__timestamp",
+    "raw__punch_state",
+    "raw__device_id",
+    "raw__device__name",
+    "raw__device__timezone",
+    "raw__device__serial_number",
+    "raw__device__ip_address",
+    "raw__device__port",
+)
+
+# RawAttendance.punch_state as the punch contract names it; any other value
+# (255, undefined on the device) is "Undefined".
+PUNCH_TYPES = {
+    0: "Check In",
+    1: "Check Out",
+    2: "Break Out",
+    3: "Break In",
+    4: "Overtime In",
+    5: "Overtime Out",
+}
+
+
+def render_punches(rows: list[dict]) -> list[dict]:
+    """Punch contract records from `_PUNCH_FIELDS` values, in the device's zone.
+
+    Employee names come from one query for the whole list.
+    """
+    names = dict(
+        Employee.objects.filter(user_id__in={row["raw__user_id"] for row in rows}).values_list(
+            "user_id", "name"
+        )
+    )
+    zones: dict[str, ZoneInfo] = {}
+    records = []
+    for row in rows:
+        name = row["raw__device__timezone"] or settings.DEVICE_DEFAULT_TIMEZONE
+        if name not in zones:
+            zones[name] = ZoneInfo(name)
+        local = row["raw__timestamp"].astimezone(zones[name])
+        records.append(
+            {
+                "employee_id": row["raw__user_id"],
+                "employee_name": names.get(row["raw__user_id"], ""),
+                "timestamp": local.isoformat(),
+                "date": local.date().isoformat(),
+                "time": local.strftime("%H:%M:%S"),
+                "punch_type": PUNCH_TYPES.get(row["raw__punch_state"], "Undefined"),
+                "device": row["raw__device__name"],
+            }
+        )
+    return records
+
+
+def punch_envelope(rows: list[dict]) -> dict:
+    """The punch contract's device_info for a batch (one device per batch)."""
+    row = rows[0]
+    return {
+        "device_info": {
+            "name": row["raw__device__name"],
+            "serial_number": row["raw__device__serial_number"],
+            "ip": row["raw__device__ip_address"],
+            "port": row["raw__device__port"],
+            "export_time": timezone.now().isoformat(),
+        }
+    }
+
+
+# --- What is delivered: daily records, raw punches ---------------------------------------
+
+
+@dataclass(frozen=True)
+class _Queue:
+    """A model whose rows are delivered by the machinery below: they carry the
+    same delivery fields (sync_state, version, delivery_key, …)."""
+
+    model: type
+    fields: tuple[str, ...]
+    render: Callable[[list[dict]], list[dict]]
+    # One request carries rows of one group only (a device, for punches).
+    group_field: str | None
+    # Tells this queue's idempotency keys from another's with the same ids.
+    key_salt: str
+    envelope: Callable[[list[dict]], dict | None]
+    sync_from: Callable[[object, datetime.date], object]
+
+    def due(self, *, sync_from: datetime.date | None):
+        # Every writer of a pending row clears next_sync_at (processing, HR edits,
+        # crm_retry_failed, the admin's actions); only failed rows carry one. An
+        # OR on it made PostgreSQL scan a bitmap of every pending row.
+        rows = self.model.objects.filter(
+            sync_state=State.PENDING, next_sync_at__isnull=True, delivery_key=""
+        )
+        if sync_from is not None:
+            rows = self.sync_from(rows, sync_from)
+        return rows
+
+    def records(self, rows: list[dict]) -> list[dict]:
+        return self.render(rows) if rows else []
+
+    def group(self, row: dict) -> object:
+        return row[self.group_field] if self.group_field else None
+
+    def key(self, rows: list[dict]) -> str:
+        return content_key(rows, salt=self.key_salt)
+
+
+DAILY = _Queue(
+    model=ProcessedAttendance,
+    fields=_RECORD_FIELDS,
+    render=render_records,
+    group_field=None,
+    key_salt="",
+    envelope=lambda rows: None,
+    sync_from=lambda rows, day: rows.filter(work_date__gte=day),
+)
+# CRM_SYNC_FROM is applied when punches are registered (_punches_register).
+PUNCHES = _Queue(
+    model=PunchDelivery,
+    fields=_PUNCH_FIELDS,
+    render=render_punches,
+    group_field="raw__device_id",
+    key_salt="punches",
+    envelope=punch_envelope,
+    sync_from=lambda rows, day: rows,
+)
+
+
 # --- Results -----------------------------------------------------------------------------
 
 
@@ -338,6 +501,8 @@ class SyncResult:
     # Batches a dead run left in flight, sent again under their own key.
     replayed_batches: int = 0
     seconds: float = 0.0
+    # Raw punches only: punches newly given a delivery row this run.
+    registered: int = 0
     # Why the run ended before its work did; empty when it did not.
     stopped: str = ""
     # True when the CRM refused the credentials (401/403): nothing can go.
@@ -348,6 +513,8 @@ class SyncResult:
             f"sent {self.sent}, failed {self.failed}, rejected {self.rejected} "
             f"in {self.batches} batches, {self.requests} requests, {self.seconds:.2f} s"
         ]
+        if self.registered:
+            lines.append(f"{self.registered} punches new since the last run")
         if self.superseded:
             lines.append(f"{self.superseded} changed while in flight and will be sent again")
         if self.replayed_batches:
@@ -418,92 +585,114 @@ class _Pacer:
 
 
 def _due(*, sync_from: datetime.date | None):
-    # Every writer of a pending row clears next_sync_at (processing, HR edits,
-    # crm_retry_failed, the admin's actions); only failed rows carry one. An
-    # OR on it made PostgreSQL scan a bitmap of every pending row.
-    rows = ProcessedAttendance.objects.filter(
-        sync_state=State.PENDING, next_sync_at__isnull=True, delivery_key=""
-    )
-    if sync_from is not None:
-        rows = rows.filter(work_date__gte=sync_from)
-    return rows
+    return DAILY.due(sync_from=sync_from)
 
 
-def _claim(*, limit: int, config: _Config) -> tuple[str, list[dict], list[dict]] | None:
-    """Claims up to `limit` due rows; returns their key, rows and records, None when
-    none is due.
+def _claim(
+    *, limit: int, config: _Config, batches: int = 1, queue: _Queue = DAILY
+) -> list[tuple[str, list[dict], list[dict]]]:
+    """Claims up to `batches` batches of due rows, `limit` rows in all; returns
+    each batch's key, rows and records, oldest id first; [] when none is due.
 
-    The key is the content's (content_key), written on the rows before any
-    request, so a run that dies after its POST is followed by one that
-    resends under the same key.
+    A batch's key is its content's (content_key), written on its rows before
+    any request, so a run that dies after a POST is followed by one that
+    resends that batch under the same key. The lease covers every batch of
+    the claim, sent one after the other.
     """
     now = timezone.now()
     # No ORDER BY: sorting every due row (with its joins) to take 100 cost
     # more than the rest of a batch; the index hands them out in its order.
-    due = _due(sync_from=config.sync_from).order_by()
-    claim = {
-        "delivery_version": F("version"),
-        "delivery_lease_until": now + config.lease,
-        # Also tells processing the CRM may have seen the row: it then empties
-        # a vanished day instead of deleting it.
-        "last_sync_attempt": now,
-    }
+    due = queue.due(sync_from=config.sync_from).order_by()
+    lease_until = now + config.lease * batches
     if connection.features.has_select_for_update_skip_locked:
         # Rows locked here are skipped by another run's claim, and cannot
-        # change before the key naming their versions is written.
+        # change before the keys naming their versions are written. Several
+        # batches in one SELECT and one UPDATE: a claim per batch cost more
+        # database round trips than the batch's request.
         with _bookkeeping():
-            ids = list(due.select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit])
-            if not ids:
-                return None
             rows = list(
-                ProcessedAttendance.objects.filter(pk__in=ids)
-                .order_by("pk")
-                .values(*_RECORD_FIELDS)
+                due.select_for_update(skip_locked=True, of=("self",)).values(*queue.fields)[:limit]
             )
-            records = render_records(rows)
-            key = content_key(rows)
-            ProcessedAttendance.objects.filter(pk__in=ids).update(delivery_key=key, **claim)
-        return key, rows, records
+            if not rows:
+                return []
+            rows.sort(key=lambda row: (queue.group(row) or 0, row["pk"]))
+            chunks = _chunks(rows, size=config.batch_size, group=queue.group)
+            keys = [queue.key(chunk) for chunk in chunks]
+            ids = [row["pk"] for row in rows]
+            row_keys = [key for key, chunk in zip(keys, chunks, strict=True) for _ in chunk]
+            model = queue.model._meta
+            table = connection.ops.quote_name(model.db_table)
+            pk = connection.ops.quote_name(model.pk.column)
+            with connection.cursor() as cursor:
+                # Also tells processing the CRM may have seen the row (last_sync_attempt):
+                # it then empties a vanished day instead of deleting it.
+                cursor.execute(
+                    f"UPDATE {table} AS p SET delivery_key = v.key, delivery_version = p.version, "
+                    "delivery_lease_until = %s, last_sync_attempt = %s "
+                    f"FROM unnest(%s::bigint[], %s::text[]) AS v(id, key) WHERE p.{pk} = v.id",
+                    [lease_until, now, ids, row_keys],
+                )
+        records = iter(queue.records(rows))
+        return [
+            (key, chunk, [next(records) for _ in chunk])
+            for key, chunk in zip(keys, chunks, strict=True)
+        ]
     # SQLite: one UPDATE whose WHERE re-checks that the rows are unclaimed;
     # SQLite runs one writer at a time, so no other run can claim between.
     token = f"claim-{uuid.uuid4().hex}"
-    claimed = ProcessedAttendance.objects.filter(
-        pk__in=due.values("pk")[:limit], delivery_key=""
-    ).update(delivery_key=token, **claim)
+    if queue.group_field:
+        first = due.order_by("pk").values(queue.group_field).first()
+        if first is None:
+            return []
+        due = due.filter(**{queue.group_field: queue.group(first)})
+    claimed = queue.model.objects.filter(
+        pk__in=due.values("pk")[: min(limit, config.batch_size)], delivery_key=""
+    ).update(
+        delivery_key=token,
+        delivery_version=F("version"),
+        delivery_lease_until=now + config.lease,
+        last_sync_attempt=now,
+    )
     if not claimed:
-        return None
-    rows = _claimed(token)
+        return []
+    rows = _claimed(token, queue=queue)
     if not rows:
-        return None
-    records = render_records(rows)
-    key = content_key(rows)
-    ProcessedAttendance.objects.filter(delivery_key=token).update(delivery_key=key)
-    return key, rows, records
+        return []
+    key = queue.key(rows)
+    queue.model.objects.filter(delivery_key=token).update(delivery_key=key)
+    return [(key, rows, queue.records(rows))]
 
 
-def _reclaim_stale(*, config: _Config) -> str | None:
+def _chunks(rows: list[dict], *, size: int, group: Callable[[dict], object]) -> list[list[dict]]:
+    """Batches of at most `size` rows, each of one group; rows sorted by group."""
+    chunks: list[list[dict]] = []
+    for row in rows:
+        if chunks and len(chunks[-1]) < size and group(chunks[-1][0]) == group(row):
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+    return chunks
+
+
+def _reclaim_stale(*, config: _Config, queue: _Queue = DAILY) -> str | None:
     """Takes over a batch whose run died (lease over) and keeps its key.
 
     Rows changed since that batch was claimed are released to go in a new
     batch: under the old key, a CRM would answer the first request's result.
     """
     now = timezone.now()
-    stale = ProcessedAttendance.objects.exclude(delivery_key="").filter(
-        delivery_lease_until__lt=now
-    )
+    stale = queue.model.objects.exclude(delivery_key="").filter(delivery_lease_until__lt=now)
     for key in stale.order_by().values_list("delivery_key", flat=True).distinct()[:5]:
         # Conditional on the lease still being over: of two runs, one wins.
-        taken = ProcessedAttendance.objects.filter(
-            delivery_key=key, delivery_lease_until__lt=now
-        ).update(delivery_lease_until=now + config.lease)
+        taken = queue.model.objects.filter(delivery_key=key, delivery_lease_until__lt=now).update(
+            delivery_lease_until=now + config.lease
+        )
         if not taken:
             continue
         _release(
-            ProcessedAttendance.objects.filter(delivery_key=key).exclude(
-                version=F("delivery_version")
-            )
+            queue.model.objects.filter(delivery_key=key).exclude(version=F("delivery_version"))
         )
-        if ProcessedAttendance.objects.filter(delivery_key=key).exists():
+        if queue.model.objects.filter(delivery_key=key).exists():
             return key
     return None
 
@@ -528,32 +717,32 @@ def _release(rows) -> int:
     return rows.update(delivery_key="", delivery_version=None, delivery_lease_until=None)
 
 
-def _claimed(key: str) -> list[dict]:
+def _claimed(key: str, *, queue: _Queue = DAILY) -> list[dict]:
     """The rows claimed under `key`, at the version claimed.
 
     A row recomputed between the claim and this read is released to a later
     batch: what is sent must be the version the claim books.
     """
     rows = list(
-        ProcessedAttendance.objects.filter(delivery_key=key)
+        queue.model.objects.filter(delivery_key=key)
         .order_by("pk")
-        .values(*_RECORD_FIELDS, "delivery_version")
+        .values(*queue.fields, "delivery_version")
     )
     moved = [row["pk"] for row in rows if row["version"] != row["delivery_version"]]
     if moved:
-        _release(ProcessedAttendance.objects.filter(pk__in=moved, delivery_key=key))
+        _release(queue.model.objects.filter(pk__in=moved, delivery_key=key))
         rows = [row for row in rows if row["version"] == row["delivery_version"]]
     return rows
 
 
-def content_key(rows: list[dict]) -> str:
+def content_key(rows: list[dict], *, salt: str = "") -> str:
     """The idempotency key of these rows at these versions, whatever the run.
 
     A batch sent again, even by a later run after its rows failed, goes under
     the key it first went under, so a CRM that honours keys stores it once.
     A Resend (resend_count) makes a new key: the CRM is asked again.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(salt.encode())
     for row in sorted(rows, key=lambda r: r["pk"]):
         digest.update(f"{row['pk']}\x1f{row['version']}\x1f{row['resend_count']}\x1e".encode())
     return digest.hexdigest()
@@ -580,35 +769,45 @@ def _request(
     key: str,
     config: _Config,
     result: SyncResult,
-) -> tuple[str, Answer, int, str]:
+    envelope: dict | None = None,
+) -> tuple[str, Answer, int, str, DeliveryLog | None]:
     """Sends one request, retrying transient failures with backoff and jitter.
 
-    Returns (outcome, last answer, attempts, why it gave up on a transient failure).
+    Returns (outcome, last answer, attempts, why it gave up on a transient
+    failure, the last attempt's log entry when not yet written). Each attempt
+    that is retried is logged at once; the last one is written by the caller
+    in the transaction that books its answer (`_save_log` or `_book`), one
+    commit instead of two.
     """
     for attempt in range(1, config.max_retries + 2):
         if connection.in_atomic_block:
             raise RuntimeError("A CRM request inside a database transaction would hold locks.")
         config.pacer.wait()
-        answer = destination.send(records=records, key=key)
+        # Only punches carry an envelope: a destination of daily records alone
+        # keeps the two-argument send.
+        if envelope is None:
+            answer = destination.send(records=records, key=key)
+        else:
+            answer = destination.send(records=records, key=key, envelope=envelope)
         result.requests += 1
         outcome = _classify(answer)
-        with _bookkeeping():
-            DeliveryLog.objects.create(
-                destination=destination.label[:200],
-                idempotency_key=key,
-                attempt=attempt,
-                records=len(records),
-                external_ids=" ".join(r["external_id"] for r in records[:5]),
-                status_code=answer.status,
-                outcome=outcome,
-                duration_ms=answer.duration_ms,
-                response_excerpt=answer.excerpt,
-                error=answer.error,
-            )
+        log = DeliveryLog(
+            destination=destination.label[:200],
+            idempotency_key=key,
+            attempt=attempt,
+            records=len(records),
+            external_ids=" ".join(_log_id(record) for record in records[:5]),
+            status_code=answer.status,
+            outcome=outcome,
+            duration_ms=answer.duration_ms,
+            response_excerpt=answer.excerpt,
+            error=answer.error,
+        )
         if outcome != Outcome.TRANSIENT:
-            return outcome, answer, attempt, ""
+            return outcome, answer, attempt, "", log
         if attempt > config.max_retries:
-            return outcome, answer, attempt, f"{attempt} attempts"
+            return outcome, answer, attempt, f"{attempt} attempts", log
+        _save_log(log)
         wait = min(config.max_wait, config.backoff * 2 ** (attempt - 1))
         wait *= config.rng.uniform(0.5, 1.0)
         if answer.retry_after is not None:
@@ -619,10 +818,22 @@ def _request(
                     attempt,
                     f"the CRM asked to wait {answer.retry_after:g} s, more than "
                     f"CRM_RETRY_MAX_WAIT_SECONDS ({config.max_wait:g})",
+                    log,
                 )
             wait = max(wait, answer.retry_after)
         config.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def _log_id(record: dict) -> str:
+    """How the delivery log names a record: its external id, or a punch's employee and time."""
+    return record.get("external_id") or f"{record['employee_id']}@{record['timestamp']}"
+
+
+def _save_log(log: DeliveryLog | None) -> None:
+    if log is not None:
+        with _bookkeeping():
+            log.save()
 
 
 def _book(
@@ -634,12 +845,14 @@ def _book(
     error: str = "",
     next_sync_at: datetime.datetime | None = None,
     claimed: int | None = None,
+    log: DeliveryLog | None = None,
 ) -> tuple[int, int]:
     """Books an answer on claimed rows; returns (rows booked, rows changed in flight).
 
     Only rows still at the version that was sent take the new state; the rest
     are released as they are (pending: processing made them due again).
     `claimed`, when known, saves looking for the rest when there is none.
+    `log`, the answer's delivery log entry, is written in the same transaction.
     """
     values = {
         "sync_attempts": F("sync_attempts") + attempts,
@@ -654,6 +867,8 @@ def _book(
     if state == State.SYNCED:
         values["synced_version"] = F("delivery_version")
     with _bookkeeping():
+        if log is not None:
+            log.save()
         booked = rows.filter(version=F("delivery_version")).update(sync_state=state, **values)
         if booked == claimed:
             return booked, 0
@@ -673,37 +888,73 @@ def _deliver(
     records: list[dict],
     config: _Config,
     result: SyncResult,
+    queue: _Queue = DAILY,
 ) -> list[dict]:
     """Sends these rows, claimed under `key`, and books the answer; returns the records sent."""
     if not records:
         return records
-    claimed = ProcessedAttendance.objects.filter(delivery_key=key)
-    outcome, answer, attempts, why = _request(
-        destination, records=records, key=key, config=config, result=result
+    claimed = queue.model.objects.filter(delivery_key=key)
+    envelope = queue.envelope(rows)
+    outcome, answer, attempts, why, log = _request(
+        destination, records=records, key=key, config=config, result=result, envelope=envelope
     )
     result.batches += 1
     if outcome == Outcome.ACKNOWLEDGED:
         booked, changed = _book(
-            claimed, state=State.SYNCED, answer=answer, attempts=attempts, claimed=len(records)
+            claimed,
+            state=State.SYNCED,
+            answer=answer,
+            attempts=attempts,
+            claimed=len(records),
+            log=log,
         )
         result.sent += booked
         result.superseded += changed
     elif outcome == Outcome.TRANSIENT:
-        _fail(claimed, answer=answer, attempts=attempts, why=why, config=config, result=result)
+        _fail(
+            claimed,
+            answer=answer,
+            attempts=attempts,
+            why=why,
+            config=config,
+            result=result,
+            log=log,
+        )
     elif outcome == Outcome.CREDENTIALS:
+        _save_log(log)
         _stop_for_credentials(claimed, answer=answer, result=result)
     elif 300 <= (answer.status or 0) < 400:
+        _save_log(log)
         _release(claimed)
         result.stopped = (
             f"the CRM answered HTTP {answer.status} (a redirect); set CRM_API_URL to the "
             "address it names. Nothing was changed."
         )
     else:
-        _one_by_one(destination, key=key, rows=rows, records=records, config=config, result=result)
+        _save_log(log)
+        _one_by_one(
+            destination,
+            key=key,
+            rows=rows,
+            records=records,
+            config=config,
+            result=result,
+            queue=queue,
+            envelope=envelope,
+        )
     return records
 
 
-def _fail(rows, *, answer: Answer, attempts: int, why: str, config: _Config, result: SyncResult):
+def _fail(
+    rows,
+    *,
+    answer: Answer,
+    attempts: int,
+    why: str,
+    config: _Config,
+    result: SyncResult,
+    log: DeliveryLog | None = None,
+):
     wait = max(config.retry_failed_after.total_seconds(), answer.retry_after or 0)
     error = f"{answer.describe()} (gave up after {why})"
     booked, changed = _book(
@@ -713,6 +964,7 @@ def _fail(rows, *, answer: Answer, attempts: int, why: str, config: _Config, res
         attempts=attempts,
         error=error,
         next_sync_at=timezone.now() + datetime.timedelta(seconds=wait),
+        log=log,
     )
     result.failed += booked
     result.superseded += changed
@@ -737,19 +989,28 @@ def _one_by_one(
     records: list[dict],
     config: _Config,
     result: SyncResult,
+    queue: _Queue = DAILY,
+    envelope: dict | None = None,
 ) -> None:
     """A refused batch, record by record, so one bad record holds back no other."""
     for position, (row, record) in enumerate(zip(rows, records, strict=True)):
-        single = ProcessedAttendance.objects.filter(pk=row["pk"], delivery_key=key)
-        single_key = content_key([row])
+        single = queue.model.objects.filter(pk=row["pk"], delivery_key=key)
+        single_key = queue.key([row])
         single.update(delivery_lease_until=timezone.now() + config.lease)
-        outcome, answer, attempts, why = _request(
-            destination, records=[record], key=single_key, config=config, result=result
+        outcome, answer, attempts, why, log = _request(
+            destination,
+            records=[record],
+            key=single_key,
+            config=config,
+            result=result,
+            envelope=envelope,
         )
         # The batch attempt counts too.
         attempts += 1
         if outcome == Outcome.ACKNOWLEDGED:
-            booked, changed = _book(single, state=State.SYNCED, answer=answer, attempts=attempts)
+            booked, changed = _book(
+                single, state=State.SYNCED, answer=answer, attempts=attempts, log=log
+            )
             result.sent += booked
             result.superseded += changed
             continue
@@ -760,17 +1021,27 @@ def _one_by_one(
                 answer=answer,
                 attempts=attempts,
                 error=f"The CRM refused this record: {answer.describe()}",
+                log=log,
             )
             result.rejected += booked
             result.superseded += changed
             continue
-        rest = ProcessedAttendance.objects.filter(
+        rest = queue.model.objects.filter(
             pk__in=[r["pk"] for r in rows[position + 1 :]], delivery_key=key
         )
         if outcome == Outcome.TRANSIENT:
-            _fail(single, answer=answer, attempts=attempts, why=why, config=config, result=result)
+            _fail(
+                single,
+                answer=answer,
+                attempts=attempts,
+                why=why,
+                config=config,
+                result=result,
+                log=log,
+            )
             _release(rest)
         else:
+            _save_log(log)
             _stop_for_credentials(single, answer=answer, result=result)
             _release(rest)
         return
@@ -803,44 +1074,213 @@ def crm_sync(
     try:
         _prune_log()
         crm_retry_failed()
-        budget = limit
-        if budget is None:
-            budget = _due(sync_from=config.sync_from).count() + (
-                ProcessedAttendance.objects.exclude(delivery_key="").count()
-            )
-        # Batches a dead run left are taken first, once per run: they appear
-        # only when a run dies, and looking for them costs a query.
-        looking_for_stale = True
-        # A row changed while in flight is due again and goes again in this
-        # run, outside the budget; this bounds the run should changes never stop.
-        batches_left = 2 * (budget // config.batch_size + 1) + MAX_STALE_BATCHES_PER_RUN
-        while budget > 0 and batches_left > 0 and not result.stopped:
-            batches_left -= 1
-            key = None
-            if looking_for_stale and result.replayed_batches < MAX_STALE_BATCHES_PER_RUN:
-                key = _reclaim_stale(config=config)
-                if key:
-                    result.replayed_batches += 1
-                else:
-                    looking_for_stale = False
-            if key:
-                rows = _claimed(key)
-                records = render_records(rows)
-            else:
-                claim = _claim(limit=min(config.batch_size, budget), config=config)
-                if claim is None:
-                    break
-                key, rows, records = claim
-            superseded = result.superseded
-            sent = _deliver(
-                destination, key=key, rows=rows, records=records, config=config, result=result
-            )
-            budget -= max(1, len(sent) - (result.superseded - superseded))
+        _run(DAILY, destination=destination, config=config, limit=limit, result=result)
     finally:
         if own_destination:
             destination.close()
     result.seconds = time.monotonic() - started
     return result
+
+
+def _run(
+    queue: _Queue,
+    *,
+    destination: Destination,
+    config: _Config,
+    limit: int | None,
+    result: SyncResult,
+) -> None:
+    """Claims, sends and books due rows of `queue` until none is due, `limit` is
+    reached or the CRM stops the run."""
+    model = queue.model
+    budget = limit
+    if budget is None:
+        budget = (
+            queue.due(sync_from=config.sync_from).count()
+            + model.objects.exclude(delivery_key="").count()
+        )
+    # Batches a dead run left are taken first, once per run: they appear
+    # only when a run dies, and looking for them costs a query.
+    looking_for_stale = True
+    # Claimed batches not sent yet; released when the run ends early.
+    queued: deque[tuple[str, list[dict], list[dict]]] = deque()
+    # A row changed while in flight is due again and goes again in this
+    # run, outside the budget; this bounds the run should changes never stop.
+    batches_left = 2 * (budget // config.batch_size + 1) + MAX_STALE_BATCHES_PER_RUN
+    try:
+        while budget > 0 and batches_left > 0 and not result.stopped:
+            batches_left -= 1
+            key = None
+            if not queued and looking_for_stale:
+                if result.replayed_batches < MAX_STALE_BATCHES_PER_RUN:
+                    key = _reclaim_stale(config=config, queue=queue)
+                if key:
+                    result.replayed_batches += 1
+                    rows = _claimed(key, queue=queue)
+                    queued.append((key, rows, queue.records(rows)))
+                else:
+                    looking_for_stale = False
+            if not queued:
+                queued.extend(
+                    _claim(
+                        limit=min(config.batch_size * CLAIM_BATCHES, budget),
+                        config=config,
+                        batches=CLAIM_BATCHES,
+                        queue=queue,
+                    )
+                )
+                if not queued:
+                    break
+            key, rows, records = queued.popleft()
+            superseded = result.superseded
+            sent = _deliver(
+                destination,
+                key=key,
+                rows=rows,
+                records=records,
+                config=config,
+                result=result,
+                queue=queue,
+            )
+            budget -= max(1, len(sent) - (result.superseded - superseded))
+    finally:
+        # Not sent: due again at once, for this run's successor or another run.
+        keys = [key for key, _rows, _records in queued]
+        if keys:
+            _release(model.objects.filter(delivery_key__in=keys))
+
+
+# --- Raw punches: which are new ----------------------------------------------------------
+
+PUNCH_STATE_NAME = "crm_punches"
+
+
+def crm_punch_sync(
+    *,
+    limit: int | None = None,
+    destination: Destination | None = None,
+    batch_size: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> SyncResult:
+    """Delivers raw punches to CRM_PUNCHES_URL: registers the punches stored
+    since the last run (_punches_register), then sends the due ones, one
+    device per request, with the batching, retries, claims and log of
+    crm_sync. At most `limit` punches (default: those due at the start).
+
+    Idempotent: a punch is registered once (its delivery row's key is the
+    punch's), and delivered as crm_sync delivers a row, so it goes once even
+    across runs and polls that commit out of order. Suspect punches are held
+    back until their verdict is cleared. Stops early as crm_sync does. Raises
+    CrmConfigError when the punch export is off or misconfigured.
+    """
+    started = time.monotonic()
+    own_destination = destination is None
+    destination = destination or JsonContractDestination.from_settings(punches=True)
+    config = _Config.load(sleep=sleep, batch_size=batch_size)
+    result = SyncResult()
+    try:
+        _prune_log()
+        _retry_failed(PunchDelivery)
+        result.registered = _punches_register(sync_from=config.sync_from)
+        _run(PUNCHES, destination=destination, config=config, limit=limit, result=result)
+    finally:
+        if own_destination:
+            destination.close()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _punch_floor(runs: list[list], *, margin: datetime.timedelta) -> int:
+    """The highest raw id seen by a registration that read it more than `margin`
+    before the last registration did; 0 when there is none."""
+    if not runs:
+        return 0
+    cutoff = datetime.datetime.fromisoformat(runs[-1][0]) - margin
+    floor = 0
+    for moment, max_id in runs:
+        if datetime.datetime.fromisoformat(moment) < cutoff:
+            floor = max(floor, max_id)
+    return floor
+
+
+def _punches_register(*, sync_from: datetime.date | None) -> int:
+    """Gives each raw punch not yet registered its delivery row (pending, or held
+    when suspect); returns how many. Punches before CRM_SYNC_FROM (a local date
+    on their device) are never registered.
+
+    Which punches can be new: ids only grow, but a poll can commit after a
+    later poll's, so a run may read past an id not yet visible. A poll commits
+    within LATE_COMMIT_MARGIN of stamping received_at, which comes before its
+    ids. A registration stamps its time just after reading the highest id; a
+    punch it could not see commits after it, so its received_at and its id
+    come later than that time minus the margin: above the highest id read by
+    any registration stamped more than the margin before the last one (the
+    floor). Each registration reads every id above the floor and skips those
+    with a delivery row, a primary-key lookup; the rows of delivered punches
+    at or below the floor are dropped, as no run reads there again. Nothing is
+    added to RawAttendance, so a poll's bulk insert pays nothing.
+    """
+    margin = settings.LATE_COMMIT_MARGIN
+    with transaction.atomic():
+        # Written first: SQLite takes its write lock now, and on PostgreSQL the
+        # row lock keeps two registrations from interleaving.
+        if not ProcessingState.objects.filter(name=PUNCH_STATE_NAME).update(
+            updated_at=timezone.now()
+        ):
+            ProcessingState.objects.get_or_create(name=PUNCH_STATE_NAME)
+        state = ProcessingState.objects.select_for_update().get(name=PUNCH_STATE_NAME)
+        floor = _punch_floor(state.recent_runs, margin=margin)
+        top = RawAttendance.objects.filter(pk__gt=floor).aggregate(top=Max("pk"))["top"]
+        stamped = timezone.now()
+        registered = 0
+        if top is not None:
+            registered = _insert_deliveries(above=floor, up_to=top, sync_from=sync_from)
+        top = max(top or 0, state.last_raw_id)
+        runs = [*state.recent_runs, [stamped.isoformat(), top]]
+        # The next registration needs the newest run stamped a margin before this one.
+        keep = 0
+        for index, (moment, _) in enumerate(runs):
+            if datetime.datetime.fromisoformat(moment) < stamped - margin:
+                keep = index
+        state.recent_runs = runs[keep:]
+        state.last_raw_id = top
+        state.last_run_at = stamped
+        state.save(update_fields=["recent_runs", "last_raw_id", "last_run_at", "updated_at"])
+    PunchDelivery.objects.filter(sync_state=State.SYNCED, pk__lte=floor).delete()
+    # An operator (or a later download) cleared the verdict: the punch goes now.
+    PunchDelivery.objects.filter(
+        sync_state=PunchDelivery.SyncState.HELD, raw__is_suspect=False
+    ).update(sync_state=State.PENDING, next_sync_at=None)
+    return registered
+
+
+def _insert_deliveries(*, above: int, up_to: int, sync_from: datetime.date | None) -> int:
+    """One INSERT … SELECT of the delivery rows of punches above..up_to that have none."""
+    ops = connection.ops
+    raw_table = ops.quote_name(RawAttendance._meta.db_table)
+    table = ops.quote_name(PunchDelivery._meta.db_table)
+    now = ops.adapt_datetimefield_value(timezone.now())
+    where = ["r.id > %s", "r.id <= %s"]
+    params: list = [now, above, up_to]
+    if sync_from is not None:
+        bounds = []
+        for device_id, zone in Device.objects.values_list("pk", "timezone"):
+            since = datetime.datetime.combine(sync_from, datetime.time(), tzinfo=ZoneInfo(zone))
+            bounds.append("(r.device_id = %s AND r.timestamp >= %s)")
+            params += [device_id, ops.adapt_datetimefield_value(since.astimezone(datetime.UTC))]
+        where.append("(" + (" OR ".join(bounds) or "FALSE") + ")")
+    held = PunchDelivery.SyncState.HELD.value
+    pending = State.PENDING.value
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (raw_id, version, sync_state, sync_attempts, "
+            "last_sync_error, crm_response, delivery_key, resend_count, created_at) "
+            f"SELECT r.id, 1, CASE WHEN r.is_suspect THEN '{held}' ELSE '{pending}' END, "
+            f"0, '', '', '', 0, %s FROM {raw_table} AS r WHERE {' AND '.join(where)} "
+            "ON CONFLICT (raw_id) DO NOTHING",
+            params,
+        )
+        return max(cursor.rowcount, 0)
 
 
 def crm_preview(*, destination: Destination | None = None) -> str:
@@ -868,11 +1308,12 @@ class CheckResult:
     answer: Answer
 
 
-def crm_check(*, destination: Destination | None = None) -> CheckResult:
+def crm_check(*, destination: Destination | None = None, punches: bool = False) -> CheckResult:
     """Checks that the CRM answers and takes the credentials, changing no CRM data
-    (an empty batch). Safe to repeat. Raises CrmConfigError when push is off."""
+    (an empty batch), at CRM_API_URL or with `punches` at CRM_PUNCHES_URL. Safe
+    to repeat. Raises CrmConfigError when that push is off."""
     own_destination = destination is None
-    destination = destination or JsonContractDestination.from_settings()
+    destination = destination or JsonContractDestination.from_settings(punches=punches)
     try:
         answer = destination.check()
     finally:
@@ -902,6 +1343,34 @@ class DeliveryStats:
     oldest_undelivered: dict | None
 
 
+def crm_punch_stats() -> DeliveryStats:
+    """Registered raw punches by delivery state (delivered ones are counted until
+    they are dropped, LATE_COMMIT_MARGIN after), and the undelivered punch
+    registered longest ago. Reads only."""
+    counts = dict(
+        PunchDelivery.objects.order_by().values_list("sync_state").annotate(n=Count("pk"))
+    )
+    by_state = {state.value: counts.get(state.value, 0) for state in PunchDelivery.SyncState}
+    oldest = (
+        PunchDelivery.objects.filter(sync_state__in=[State.PENDING, State.FAILED])
+        .order_by("created_at", "pk")
+        .values(
+            "raw__user_id",
+            "raw__timestamp",
+            "raw__device__name",
+            "sync_state",
+            "created_at",
+            "last_sync_error",
+        )
+        .first()
+    )
+    return DeliveryStats(
+        by_state=by_state,
+        in_flight=PunchDelivery.objects.exclude(delivery_key="").count(),
+        oldest_undelivered=oldest,
+    )
+
+
 def crm_stats() -> DeliveryStats:
     """Rows by delivery state and the undelivered row waiting longest. Reads only."""
     counts = dict(
@@ -925,9 +1394,13 @@ def crm_retry_failed() -> int:
     """Makes failed rows whose retry time (RETRY_FAILED_SYNCS_HOURS after their
     last attempt, or the CRM's Retry-After) has come due again; returns how many.
     Idempotent; raises nothing."""
-    return ProcessedAttendance.objects.filter(
-        sync_state=State.FAILED, next_sync_at__lte=timezone.now()
-    ).update(sync_state=State.PENDING, next_sync_at=None)
+    return _retry_failed(ProcessedAttendance)
+
+
+def _retry_failed(model) -> int:
+    return model.objects.filter(sync_state=State.FAILED, next_sync_at__lte=timezone.now()).update(
+        sync_state=State.PENDING, next_sync_at=None
+    )
 
 
 def crm_reset_failed(*, ids: Iterable[int]) -> int:

@@ -6,6 +6,11 @@ It checks the token and the signature, answers failures at a given rate (500s,
 limits requests per minute, upserts records by external_id keeping the highest
 version, and answers a repeated idempotency key with its first answer.
 `GET /records` shows what it holds, `GET /stats` counts what happened.
+
+`POST /punches` takes the raw punch contract (device_info and punch records,
+docs/crm-contract.md) with the same checks and faults; it keeps each punch
+once, keyed by device, employee_id and timestamp, and counts a punch that
+arrives again under another idempotency key as a duplicate (`GET /punches`).
 """
 
 import hashlib
@@ -29,6 +34,8 @@ REQUIRED_FIELDS = {
     "user_id": str,
     "work_date": str,
 }
+PUNCH_FIELDS = ("employee_id", "employee_name", "timestamp", "date", "time", "punch_type", "device")
+DEVICE_INFO_FIELDS = ("name", "serial_number", "ip", "port", "export_time")
 MAX_BODY_BYTES = 20_000_000
 
 
@@ -50,6 +57,10 @@ class FakeCrmStats:
     rate_limited: int = 0
     unauthorized: int = 0
     refused: int = 0
+    punch_batches_accepted: int = 0
+    punches_received: int = 0
+    # The same punch (device, employee_id, timestamp) again under another key.
+    punches_duplicated: int = 0
 
 
 @dataclass
@@ -57,6 +68,8 @@ class FakeCrmState:
     """What the fake CRM holds; shared by its request threads under `lock`."""
 
     records: dict[str, dict] = field(default_factory=dict)
+    # (device, employee_id, timestamp) -> the punch record and its device_info.
+    punches: dict[tuple[str, str, str], dict] = field(default_factory=dict)
     # The idempotency key each held version arrived under.
     keys: dict[tuple[str, int], str] = field(default_factory=dict)
     answers: dict[str, tuple[int, bytes]] = field(default_factory=dict)
@@ -115,6 +128,8 @@ class _Handler(BaseHTTPRequestHandler):
         with crm.state.lock:
             if self.path.split("?")[0] == "/records":
                 payload = sorted(crm.state.records.values(), key=lambda r: r["external_id"])
+            elif self.path.split("?")[0] == "/punches":
+                payload = [crm.state.punches[key] for key in sorted(crm.state.punches)]
             elif self.path == "/stats":
                 payload = {**vars(crm.state.stats), "held": len(crm.state.records)}
             else:
@@ -137,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(crm.latency_ms / 1000)
         with crm.state.lock:
             crm.state.stats.requests += 1
-        if self.path != "/records":
+        if self.path not in ("/records", "/punches"):
             self._send(404, {"detail": f"No such page: {self.path}"})
             return
         if not self._authorized():
@@ -176,7 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop()
             return
         key = self.headers.get("Idempotency-Key", "")
-        status, answer = crm.apply(body, key)
+        apply = crm.apply_punches if self.path == "/punches" else crm.apply
+        status, answer = apply(body, key)
         if fault == "drop-after":
             # Applied, but the answer is lost: the bridge must resend under the
             # same key and get the first answer back.
@@ -240,6 +256,10 @@ class FakeCrm:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/records"
+
+    @property
+    def punches_url(self) -> str:
+        return f"http://{self.host}:{self.port}/punches"
 
     def start(self) -> "FakeCrm":
         self._thread = threading.Thread(
@@ -354,6 +374,63 @@ class FakeCrm:
                 state.answers[key] = answer
             return answer
 
+    def apply_punches(self, body: bytes, key: str) -> tuple[int, dict | bytes]:
+        """Stores a batch of punches of one device, each once, all or nothing."""
+        state = self.state
+        with state.lock:
+            if key:
+                state.seen_keys.append(key)
+            if key and key in state.answers:
+                state.stats.replays += 1
+                return state.answers[key]
+            try:
+                payload = json.loads(body)
+                records = payload["records"]
+                if not isinstance(records, list):
+                    raise TypeError("records is not a list")
+                info = payload.get("device_info")
+                if records and not (
+                    isinstance(info, dict) and all(name in info for name in DEVICE_INFO_FIELDS)
+                ):
+                    raise TypeError(f"device_info needs {', '.join(DEVICE_INFO_FIELDS)}")
+            except (ValueError, KeyError, TypeError) as exc:
+                state.stats.refused += 1
+                return 400, {"detail": f"Not a punch batch: {exc}"}
+            errors = [self._punch_problem(record, info) for record in records]
+            if any(errors):
+                state.stats.refused += 1
+                listed = [
+                    {"punch": record, "error": error}
+                    for record, error in zip(records, errors, strict=True)
+                    if error
+                ]
+                status = 400 if len(records) > 1 else 422
+                return status, {"detail": "Punches refused; nothing was stored.", "errors": listed}
+            for record in records:
+                state.stats.punches_received += 1
+                punch = (record["device"], record["employee_id"], record["timestamp"])
+                if punch in state.punches:
+                    state.stats.punches_duplicated += 1
+                    continue
+                state.punches[punch] = {**record, "device_info": info}
+            state.stats.punch_batches_accepted += 1
+            answer = (200, json.dumps({"accepted": len(records)}).encode())
+            if key:
+                state.answers[key] = answer
+            return answer
+
+    def _punch_problem(self, record, info: dict) -> str:
+        if not isinstance(record, dict):
+            return "a punch is a JSON object"
+        for name in PUNCH_FIELDS:
+            if not isinstance(record.get(name), str):
+                return f"{name} is missing or not a string"
+        if record["device"] != info["name"]:
+            return "a request carries the punches of the device its device_info names"
+        if record["employee_id"] in self.reject_user_ids:
+            return f"user {record['employee_id']} is not known to this CRM"
+        return ""
+
     def _problem(self, record) -> str:
         if not isinstance(record, dict):
             return "a record is a JSON object"
@@ -369,6 +446,10 @@ class FakeCrm:
     def held(self) -> dict[str, dict]:
         with self.state.lock:
             return dict(self.state.records)
+
+    def punches(self) -> dict[tuple[str, str, str], dict]:
+        with self.state.lock:
+            return dict(self.state.punches)
 
     def keys_seen(self) -> list[str]:
         with self.state.lock:

@@ -374,6 +374,59 @@ class ProcessedAttendance(models.Model):
         return f"{self.user_id} on {self.work_date}"
 
 
+class PunchDelivery(models.Model):
+    """A raw punch on its way to CRM_PUNCHES_URL (core.crm): one row per punch,
+    its primary key the punch's, so a punch is registered, claimed and booked
+    once. Its own table, not columns of RawAttendance: a poll's bulk insert
+    pays nothing for it. Delivered rows are dropped once no run can read their
+    punch again (below the registration watermark)."""
+
+    class SyncState(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SYNCED = "synced", "Synced"
+        FAILED = "failed", "Failed"
+        REJECTED = "rejected", "Rejected by the CRM"
+        # Suspect when registered: sent once an operator clears the verdict.
+        HELD = "held", "Held back (suspect)"
+
+    raw = models.OneToOneField(
+        RawAttendance, on_delete=models.CASCADE, primary_key=True, related_name="delivery"
+    )
+    # A punch has one version; the field lets the delivery code serve daily
+    # records and punches alike.
+    version = models.PositiveIntegerField(default=1)
+    sync_state = models.CharField(
+        max_length=10, choices=SyncState.choices, default=SyncState.PENDING
+    )
+    synced_version = models.PositiveIntegerField(null=True, blank=True)
+    sync_attempts = models.PositiveIntegerField(default=0)
+    last_sync_attempt = models.DateTimeField(null=True, blank=True)
+    last_sync_error = models.TextField(blank=True)
+    next_sync_at = models.DateTimeField(null=True, blank=True)
+    crm_status = models.PositiveSmallIntegerField("CRM status", null=True, blank=True)
+    crm_response = models.TextField("CRM response", blank=True, default="")
+    delivery_key = models.CharField(max_length=64, blank=True, default="")
+    delivery_version = models.PositiveIntegerField(null=True, blank=True)
+    delivery_lease_until = models.DateTimeField(null=True, blank=True)
+    resend_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        verbose_name = "raw punch delivery"
+        verbose_name_plural = "raw punch deliveries"
+        indexes = [
+            models.Index(fields=["sync_state", "next_sync_at"], name="punch_delivery_due"),
+            models.Index(
+                fields=["delivery_key"],
+                name="punch_delivery_in_flight",
+                condition=~models.Q(delivery_key=""),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"punch {self.raw_id}: {self.sync_state}"
+
+
 class ProcessingState(models.Model):
     """Where incremental processing left off (core.processing), one row per pipeline.
 

@@ -384,7 +384,9 @@ def test_a_row_recomputed_between_claim_and_read_waits_for_a_later_batch(crm):
     from core.crm import _claim, _claimed, _Config
 
     ids = make_days(3)
-    key, _rows, _records = _claim(limit=10, config=_Config.load(sleep=time.sleep, batch_size=None))
+    ((key, _rows, _records),) = _claim(
+        limit=10, config=_Config.load(sleep=time.sleep, batch_size=None)
+    )
     ProcessedAttendance.objects.filter(pk=ids[1]).update(version=F("version") + 1)
     assert [row["pk"] for row in _claimed(key)] == [ids[0], ids[2]]
     assert ProcessedAttendance.objects.get(pk=ids[1]).delivery_key == ""
@@ -490,14 +492,12 @@ def test_a_claim_takes_only_unclaimed_due_rows(crm):
 
     make_days(30)
     config = _Config.load(sleep=time.sleep, batch_size=None)
-    (first, first_rows, _), (second, second_rows, _) = (
-        _claim(limit=20, config=config),
-        _claim(limit=20, config=config),
-    )
+    ((first, first_rows, _),) = _claim(limit=20, config=config)
+    ((second, second_rows, _),) = _claim(limit=20, config=config)
     counts = [ProcessedAttendance.objects.filter(delivery_key=k).count() for k in (first, second)]
     assert counts == [20, 10] and (len(first_rows), len(second_rows)) == (20, 10)
     assert not {r["pk"] for r in first_rows} & {r["pk"] for r in second_rows}
-    assert _claim(limit=20, config=config) is None
+    assert _claim(limit=20, config=config) == []
     row = ProcessedAttendance.objects.get(pk=ProcessedAttendance.objects.order_by("pk")[0].pk)
     assert (row.delivery_version, row.sync_state) == (row.version, State.PENDING)
     assert row.last_sync_attempt is not None
@@ -889,3 +889,35 @@ def test_a_resend_asks_a_crm_that_honours_keys_again(crm):
     assert crm_sync().sent == 3
     assert crm.keys_seen()[1] != first and crm.state.stats.replays == 0
     assert len(crm.held()) == 3
+
+
+def test_one_claim_takes_several_batches_each_under_its_own_key(crm):
+    from core.crm import _claim, _Config, content_key
+
+    if not connection.features.has_select_for_update_skip_locked:
+        pytest.skip("SQLite claims one batch at a time")
+    ids = make_days(50)
+    config = _Config.load(sleep=time.sleep, batch_size=20)
+    claimed = _claim(limit=50, config=config, batches=3)
+    assert [len(rows) for _key, rows, _records in claimed] == [20, 20, 10]
+    assert [row["pk"] for _key, rows, _records in claimed for row in rows] == ids
+    for key, rows, records in claimed:
+        assert key == content_key(rows)
+        assert [r["external_id"] for r in records] == [
+            f"{row['user_id']}:{row['work_date'].isoformat()}" for row in rows
+        ]
+        in_db = ProcessedAttendance.objects.filter(delivery_key=key)
+        assert sorted(in_db.values_list("pk", flat=True)) == [row["pk"] for row in rows]
+    lease = ProcessedAttendance.objects.get(pk=ids[0]).delivery_lease_until
+    assert lease > datetime.datetime.now(UTC) + 2 * config.lease
+
+
+def test_a_run_stopped_by_an_outage_releases_the_batches_it_claimed_but_did_not_send(crm, settings):
+    settings.CRM_MAX_RETRIES = 0
+    make_days(60)
+    crm.script.extend(["500"])
+    result = crm_sync()
+    assert (result.sent, result.failed, result.requests) == (0, 20, 1)
+    assert states() == {State.PENDING: 40, State.FAILED: 20}
+    assert not ProcessedAttendance.objects.exclude(delivery_key="").exists()
+    assert crm_sync().sent == 40

@@ -86,6 +86,7 @@ class Command(BaseCommand):
         write = self.stdout.write
         write(f"Fake CRM listening on {crm.url}")
         write(f"  CRM_API_URL={crm.url}")
+        write(f"  CRM_PUNCHES_URL={crm.punches_url}")
         write(f"  token: {options['token'] or 'none required'}")
         write(f"  signature: {'required' if options['signing_secret'] else 'not checked'}")
         if options["fail_rate"]:
@@ -96,7 +97,10 @@ class Command(BaseCommand):
             write(f"  refuses user ids {', '.join(options['reject_user_id'])}")
         if crm.host not in LOOPBACK_HOSTS:
             write(self.style.WARNING(f"  {crm.host} is reachable from other machines."))
-        write(f"  what it holds: GET http://{crm.host}:{crm.port}/records, counts at /stats")
+        write(
+            f"  what it holds: GET http://{crm.host}:{crm.port}/records and /punches, "
+            "counts at /stats"
+        )
         write("Ctrl-C to stop.")
         self.stdout.flush()
         try:

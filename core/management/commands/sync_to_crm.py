@@ -1,6 +1,7 @@
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from core.crm import CrmError, crm_preview, crm_sync
+from core.crm import CrmError, crm_preview, crm_punch_sync, crm_sync
 
 
 def positive(value: str) -> int:
@@ -12,20 +13,26 @@ def positive(value: str) -> int:
 
 class Command(BaseCommand):
     help = (
-        "Sends the daily records the CRM does not hold at their latest version "
-        "(see docs/crm-contract.md). Runs with the server's own rights; the admin's "
+        "Sends the daily records the CRM does not hold at their latest version, and "
+        "with CRM_PUNCHES_URL set the raw punches not sent yet (see docs/crm-contract.md). Runs with the server's own rights; the admin's "
         "Resend to the CRM (permission core.resend_processedattendance) and Reset failed "
         "deliveries (core.reset_failed_processedattendance) only make days due for it."
     )
 
     def add_arguments(self, parser):
         parser.add_argument(
-            "--limit", type=positive, metavar="N", help="Send at most N records this run."
+            "--limit",
+            type=positive,
+            metavar="N",
+            help="Send at most N records (and at most N punches) this run.",
         )
         parser.add_argument(
             "--dry-run",
             action="store_true",
-            help="Print the first request it would send; send nothing, change nothing.",
+            help=(
+                "Print the first request of daily records it would send; send nothing, "
+                "change nothing (raw punches are not previewed)."
+            ),
         )
 
     def handle(self, *args, limit=None, dry_run=False, **options):
@@ -34,10 +41,20 @@ class Command(BaseCommand):
                 request = crm_preview()
                 self.stdout.write(request or "Nothing is due: no request would be sent.")
                 return
-            result = crm_sync(limit=limit)
+            stopped = []
+            if settings.CRM_API_URL or not settings.CRM_PUNCHES_URL:
+                result = crm_sync(limit=limit)
+                for line in result.lines():
+                    self.stdout.write(f"daily records: {line}")
+                if result.stopped:
+                    stopped.append(f"daily records: {result.stopped}")
+            if settings.CRM_PUNCHES_URL:
+                punches = crm_punch_sync(limit=limit)
+                for line in punches.lines():
+                    self.stdout.write(f"raw punches: {line}")
+                if punches.stopped:
+                    stopped.append(f"raw punches: {punches.stopped}")
         except CrmError as exc:
             raise CommandError(str(exc)) from exc
-        for line in result.lines():
-            self.stdout.write(line)
-        if result.stopped:
-            raise CommandError(f"Delivery stopped: {result.stopped}")
+        if stopped:
+            raise CommandError("Delivery stopped: " + "; ".join(stopped))
