@@ -1343,50 +1343,47 @@ class DeliveryStats:
     oldest_undelivered: dict | None
 
 
+def _delivery_stats(model, *, states, oldest_by: str, oldest_fields: tuple) -> DeliveryStats:
+    counts = dict(model.objects.order_by().values_list("sync_state").annotate(n=Count("pk")))
+    oldest = (
+        model.objects.filter(sync_state__in=[State.PENDING, State.FAILED])
+        .order_by(oldest_by, "pk")
+        .values(*oldest_fields)
+        .first()
+    )
+    return DeliveryStats(
+        by_state={state.value: counts.get(state.value, 0) for state in states},
+        in_flight=model.objects.exclude(delivery_key="").count(),
+        oldest_undelivered=oldest,
+    )
+
+
 def crm_punch_stats() -> DeliveryStats:
     """Registered raw punches by delivery state (delivered ones are counted until
     they are dropped, LATE_COMMIT_MARGIN after), and the undelivered punch
     registered longest ago. Reads only."""
-    counts = dict(
-        PunchDelivery.objects.order_by().values_list("sync_state").annotate(n=Count("pk"))
-    )
-    by_state = {state.value: counts.get(state.value, 0) for state in PunchDelivery.SyncState}
-    oldest = (
-        PunchDelivery.objects.filter(sync_state__in=[State.PENDING, State.FAILED])
-        .order_by("created_at", "pk")
-        .values(
+    return _delivery_stats(
+        PunchDelivery,
+        states=PunchDelivery.SyncState,
+        oldest_by="created_at",
+        oldest_fields=(
             "raw__user_id",
             "raw__timestamp",
             "raw__device__name",
             "sync_state",
             "created_at",
             "last_sync_error",
-        )
-        .first()
-    )
-    return DeliveryStats(
-        by_state=by_state,
-        in_flight=PunchDelivery.objects.exclude(delivery_key="").count(),
-        oldest_undelivered=oldest,
+        ),
     )
 
 
 def crm_stats() -> DeliveryStats:
     """Rows by delivery state and the undelivered row waiting longest. Reads only."""
-    counts = dict(
-        ProcessedAttendance.objects.order_by().values_list("sync_state").annotate(n=Count("pk"))
-    )
-    by_state = {state.value: counts.get(state.value, 0) for state in State}
-    undelivered = ProcessedAttendance.objects.filter(sync_state__in=[State.PENDING, State.FAILED])
-    oldest = (
-        undelivered.order_by("updated_at", "pk")
-        .values("user_id", "work_date", "sync_state", "updated_at", "last_sync_error")
-        .first()
-    )
-    return DeliveryStats(
-        by_state=by_state,
-        in_flight=ProcessedAttendance.objects.exclude(delivery_key="").count(),
-        oldest_undelivered=oldest,
+    return _delivery_stats(
+        ProcessedAttendance,
+        states=State,
+        oldest_by="updated_at",
+        oldest_fields=("user_id", "work_date", "sync_state", "updated_at", "last_sync_error"),
     )
 
 

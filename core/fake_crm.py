@@ -39,6 +39,15 @@ DEVICE_INFO_FIELDS = ("name", "serial_number", "ip", "port", "export_time")
 MAX_BODY_BYTES = 20_000_000
 
 
+def _batch(body: bytes) -> tuple[dict, list]:
+    """The envelope and its records; ValueError, KeyError or TypeError when it is not one."""
+    payload = json.loads(body)
+    records = payload["records"]
+    if not isinstance(records, list):
+        raise TypeError("records is not a list")
+    return payload, records
+
+
 @dataclass
 class FakeCrmStats:
     requests: int = 0
@@ -328,20 +337,32 @@ class FakeCrm:
                 self.state.stats.injected_drop += 1
             return "" if fault == "ok" else fault
 
+    def _replay(self, key: str) -> tuple[int, dict | bytes] | None:
+        """Notes the key; the answer it got before, if this batch was seen (caller holds the lock)."""
+        state = self.state
+        if not key:
+            return None
+        state.seen_keys.append(key)
+        if key in state.answers:
+            state.stats.replays += 1
+            return state.answers[key]
+        return None
+
+    def _accepted(self, key: str, count: int) -> tuple[int, bytes]:
+        answer = (200, json.dumps({"accepted": count}).encode())
+        if key:
+            self.state.answers[key] = answer
+        return answer
+
     def apply(self, body: bytes, key: str) -> tuple[int, dict | bytes]:
         """Upserts the batch by external_id keeping the highest version, all or nothing."""
         state = self.state
         with state.lock:
-            if key:
-                state.seen_keys.append(key)
-            if key and key in state.answers:
-                state.stats.replays += 1
-                return state.answers[key]
+            replay = self._replay(key)
+            if replay is not None:
+                return replay
             try:
-                payload = json.loads(body)
-                records = payload["records"]
-                if not isinstance(records, list):
-                    raise TypeError("records is not a list")
+                _, records = _batch(body)
             except (ValueError, KeyError, TypeError) as exc:
                 state.stats.refused += 1
                 return 400, {"detail": f"Not a batch: {exc}"}
@@ -369,25 +390,17 @@ class FakeCrm:
                 state.keys[(record["external_id"], record["version"])] = key
                 state.stats.records_applied += 1
             state.stats.batches_accepted += 1
-            answer = (200, json.dumps({"accepted": len(records)}).encode())
-            if key:
-                state.answers[key] = answer
-            return answer
+            return self._accepted(key, len(records))
 
     def apply_punches(self, body: bytes, key: str) -> tuple[int, dict | bytes]:
         """Stores a batch of punches of one device, each once, all or nothing."""
         state = self.state
         with state.lock:
-            if key:
-                state.seen_keys.append(key)
-            if key and key in state.answers:
-                state.stats.replays += 1
-                return state.answers[key]
+            replay = self._replay(key)
+            if replay is not None:
+                return replay
             try:
-                payload = json.loads(body)
-                records = payload["records"]
-                if not isinstance(records, list):
-                    raise TypeError("records is not a list")
+                payload, records = _batch(body)
                 info = payload.get("device_info")
                 if records and not (
                     isinstance(info, dict) and all(name in info for name in DEVICE_INFO_FIELDS)
@@ -414,10 +427,7 @@ class FakeCrm:
                     continue
                 state.punches[punch] = {**record, "device_info": info}
             state.stats.punch_batches_accepted += 1
-            answer = (200, json.dumps({"accepted": len(records)}).encode())
-            if key:
-                state.answers[key] = answer
-            return answer
+            return self._accepted(key, len(records))
 
     def _punch_problem(self, record, info: dict) -> str:
         if not isinstance(record, dict):
