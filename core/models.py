@@ -234,7 +234,35 @@ class RawAttendance(models.Model):
         return f"{self.user_id} @ {self.timestamp:%Y-%m-%d %H:%M:%S} UTC on device {self.device_id}"
 
 
-class ProcessedAttendance(models.Model):
+class DeliveryState(models.Model):
+    """Where a record's delivery to the CRM stands (core.crm): the fields daily
+    records and raw punches share. Each model adds its own sync_state and version."""
+
+    synced_version = models.PositiveIntegerField(null=True, blank=True)
+    sync_attempts = models.PositiveIntegerField(default=0)
+    last_sync_attempt = models.DateTimeField(null=True, blank=True)
+    last_sync_error = models.TextField(blank=True)
+    next_sync_at = models.DateTimeField(null=True, blank=True)
+    # The CRM's own answer to this record when it refused it alone (rejected).
+    crm_status = models.PositiveSmallIntegerField("CRM status", null=True, blank=True)
+    crm_response = models.TextField("CRM response", blank=True, default="", db_default="")
+    # A batch in flight: its idempotency key, the version it carries and how
+    # long the run that claimed it owns it. A run that dies leaves them set;
+    # once the lease is over, the next run sends the same batch under the same
+    # key (core.crm). Both defaults: processing writes new rows with COPY,
+    # naming every column with its model default.
+    delivery_key = models.CharField(max_length=64, blank=True, default="", db_default="")
+    delivery_version = models.PositiveIntegerField(null=True, blank=True)
+    delivery_lease_until = models.DateTimeField(null=True, blank=True)
+    # Part of the idempotency key: a Resend asks the CRM again, where a retry
+    # of the same version under the same key would get the first answer back.
+    resend_count = models.PositiveIntegerField(default=0, db_default=0)
+
+    class Meta:
+        abstract = True
+
+
+class ProcessedAttendance(DeliveryState):
     """One employee's shift: first punch in, last punch out, across all devices.
 
     Built by core.processing; delivered to the CRM by core.crm. A change of the
@@ -316,25 +344,6 @@ class ProcessedAttendance(models.Model):
     sync_state = models.CharField(
         max_length=10, choices=SyncState.choices, default=SyncState.PENDING
     )
-    synced_version = models.PositiveIntegerField(null=True, blank=True)
-    sync_attempts = models.PositiveIntegerField(default=0)
-    last_sync_attempt = models.DateTimeField(null=True, blank=True)
-    last_sync_error = models.TextField(blank=True)
-    next_sync_at = models.DateTimeField(null=True, blank=True)
-    # The CRM's own answer to this record when it refused it alone (rejected).
-    crm_status = models.PositiveSmallIntegerField("CRM status", null=True, blank=True)
-    crm_response = models.TextField("CRM response", blank=True, default="", db_default="")
-    # A batch in flight: its idempotency key, the version it carries and how
-    # long the run that claimed it owns it. A run that dies leaves them set;
-    # once the lease is over, the next run sends the same batch under the same
-    # key (core.crm). Both defaults: processing writes new rows with COPY,
-    # naming every column with its model default.
-    delivery_key = models.CharField(max_length=64, blank=True, default="", db_default="")
-    delivery_version = models.PositiveIntegerField(null=True, blank=True)
-    delivery_lease_until = models.DateTimeField(null=True, blank=True)
-    # Part of the idempotency key: a Resend asks the CRM again, where a retry
-    # of the same version under the same key would get the first answer back.
-    resend_count = models.PositiveIntegerField(default=0, db_default=0)
     # Position in the pull feed (core.crm.crm_changes): set by a database
     # trigger (migration 0008) whenever a row is written with a new version,
     # so that every writer, present or future, keeps the feed.
@@ -374,7 +383,7 @@ class ProcessedAttendance(models.Model):
         return f"{self.user_id} on {self.work_date}"
 
 
-class PunchDelivery(models.Model):
+class PunchDelivery(DeliveryState):
     """A raw punch on its way to CRM_PUNCHES_URL (core.crm): one row per punch,
     its primary key the punch's, so a punch is registered, claimed and booked
     once. Its own table, not columns of RawAttendance: a poll's bulk insert
@@ -398,17 +407,6 @@ class PunchDelivery(models.Model):
     sync_state = models.CharField(
         max_length=10, choices=SyncState.choices, default=SyncState.PENDING
     )
-    synced_version = models.PositiveIntegerField(null=True, blank=True)
-    sync_attempts = models.PositiveIntegerField(default=0)
-    last_sync_attempt = models.DateTimeField(null=True, blank=True)
-    last_sync_error = models.TextField(blank=True)
-    next_sync_at = models.DateTimeField(null=True, blank=True)
-    crm_status = models.PositiveSmallIntegerField("CRM status", null=True, blank=True)
-    crm_response = models.TextField("CRM response", blank=True, default="")
-    delivery_key = models.CharField(max_length=64, blank=True, default="")
-    delivery_version = models.PositiveIntegerField(null=True, blank=True)
-    delivery_lease_until = models.DateTimeField(null=True, blank=True)
-    resend_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=now)
 
     class Meta:
