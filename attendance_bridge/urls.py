@@ -1,16 +1,8 @@
 from django.contrib import admin
-from django.urls import path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-
-from core.views import ProcessedAttendanceChanges
+from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
-    path(
-        "api/processed-attendance/changes/",
-        ProcessedAttendanceChanges.as_view(),
-        name="processed-attendance-changes",
-    ),
+    # The REST API: docs/api.md; schema at /api/schema/, Swagger UI at /api/docs/.
+    path("api/", include("core.api.urls")),
 ]
