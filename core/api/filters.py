@@ -14,6 +14,8 @@ from rest_framework.filters import OrderingFilter
 from core.models import Device, Employee, ProcessedAttendance, RawAttendance, validate_timezone
 
 TRUE_FALSE = [("true", "true"), ("false", "false")]
+# Dates as YYYY-MM-DD only: 02/11/2026 means a different day to different people.
+ISO_DATE = ["%Y-%m-%d"]
 
 
 class StrictOrderingFilter(OrderingFilter):
@@ -57,10 +59,14 @@ class RawAttendanceFilter(filters.FilterSet):
     device = filters.ModelChoiceFilter(queryset=Device.objects.all(), help_text="Device id.")
     user_id = filters.CharFilter(help_text="The user id shown on the clock.")
     start_date = filters.DateFilter(
-        method="_dates", help_text="First day (YYYY-MM-DD), a local date in tz."
+        input_formats=ISO_DATE,
+        method="_dates",
+        help_text="First day (YYYY-MM-DD), a local date in tz.",
     )
     end_date = filters.DateFilter(
-        method="_dates", help_text="Last day (YYYY-MM-DD, inclusive), a local date in tz."
+        input_formats=ISO_DATE,
+        method="_dates",
+        help_text="Last day (YYYY-MM-DD, inclusive), a local date in tz.",
     )
     tz = filters.CharFilter(
         method="_dates",
@@ -117,9 +123,13 @@ class RawAttendanceFilter(filters.FilterSet):
 class ProcessedAttendanceFilter(filters.FilterSet):
     user_id = filters.CharFilter(help_text="The user id shown on the clock.")
     start_date = filters.DateFilter(
-        field_name="work_date", lookup_expr="gte", help_text="First work date (YYYY-MM-DD)."
+        input_formats=ISO_DATE,
+        field_name="work_date",
+        lookup_expr="gte",
+        help_text="First work date (YYYY-MM-DD).",
     )
     end_date = filters.DateFilter(
+        input_formats=ISO_DATE,
         field_name="work_date",
         lookup_expr="lte",
         help_text="Last work date (YYYY-MM-DD, inclusive).",
