@@ -53,9 +53,7 @@ def test_raw_dates_are_read_in_each_devices_zone_unless_tz_is_given(hr):
     evening = RawAttendanceFactory(device=new_york, timestamp=at(2026, 11, 3, 2, 0))
     night = RawAttendanceFactory(device=lisbon, timestamp=at(2026, 11, 3, 0, 30))
     url = "/api/raw-attendance/"
-    assert ids(hr.get(url, {"start_date": "2026-11-02", "end_date": "2026-11-02"})) == [
-        evening.pk
-    ]
+    assert ids(hr.get(url, {"start_date": "2026-11-02", "end_date": "2026-11-02"})) == [evening.pk]
     assert ids(hr.get(url, {"start_date": "2026-11-03", "end_date": "2026-11-03"})) == [night.pk]
     in_utc = {"start_date": "2026-11-03", "end_date": "2026-11-03", "tz": "UTC"}
     assert ids(hr.get(url, in_utc)) == sorted([evening.pk, night.pk])
