@@ -386,7 +386,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework_simplejwt.authentication.JWTAuthentication",
         "rest_framework.authentication.SessionAuthentication",
-        *(["rest_framework.authentication.BasicAuthentication"] if API_BASIC_AUTH else []),
+        "core.api.authentication.OptionalBasicAuthentication",
     ],
     # Every endpoint needs a login and the Django permission its action
     # declares (core.api.permissions).
