@@ -181,3 +181,10 @@ def test_poll_all_with_wait_answers_each_devices_result(operator, zk_emulator):
     assert set(results) == {good.pk, bad.pk}
     assert results[good.pk]["ok"] and not results[bad.pk]["ok"]
     assert Employee.objects.filter(user_id="1001").exists()
+
+
+def test_the_browsable_api_never_shows_the_comm_key(operator):
+    device = DeviceFactory(comm_key=987654)
+    page = operator.get(f"/api/devices/{device.pk}/", HTTP_ACCEPT="text/html")
+    assert page.status_code == 200 and "comm_key" in page.content.decode()
+    assert "987654" not in page.content.decode()
