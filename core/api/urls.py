@@ -2,7 +2,7 @@
 
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
-from rest_framework.routers import DefaultRouter
+from rest_framework import routers
 
 from core.api.views.attendance import ProcessedAttendanceViewSet, RawAttendanceViewSet
 from core.api.views.auth import JWTRefreshView, JWTView, TokenView
@@ -10,7 +10,18 @@ from core.api.views.device_users import DeviceUserViewSet
 from core.api.views.devices import DeviceViewSet
 from core.api.views.employees import EmployeeViewSet
 
-router = DefaultRouter()
+
+class APIRoot(routers.APIRootView):
+    """The browsable API's front page: links to the lists; any login may read it."""
+
+    action_permissions = {"GET": [], "HEAD": [], "OPTIONS": []}
+
+
+class Router(routers.DefaultRouter):
+    APIRootView = APIRoot
+
+
+router = Router()
 router.register("devices", DeviceViewSet, basename="device")
 router.register("employees", EmployeeViewSet, basename="employee")
 router.register("raw-attendance", RawAttendanceViewSet, basename="raw-attendance")

@@ -87,6 +87,7 @@ def endpoints(w) -> list[tuple[str, str, dict | None, set[str]]]:
         ("patch", f"/api/processed-attendance/{day}/", correction, {"HR"}),
         ("post", "/api/processed-attendance/sync/", {"ids": [day]}, {"Operators"}),
         ("delete", f"/api/processed-attendance/{day}/", None, set()),
+        ("get", "/api/", None, EVERYONE),
         ("get", "/api/schema/", None, EVERYONE),
         ("get", "/api/docs/", None, EVERYONE),
         ("get", "/api/redoc/", None, EVERYONE),
