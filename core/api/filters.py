@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 from zoneinfo import ZoneInfo
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db.models import Q
 from django_filters import rest_framework as filters
 from rest_framework.exceptions import ValidationError
@@ -16,6 +17,12 @@ from core.models import Device, Employee, ProcessedAttendance, RawAttendance, va
 TRUE_FALSE = [("true", "true"), ("false", "false")]
 # Dates as YYYY-MM-DD only: 02/11/2026 means a different day to different people.
 ISO_DATE = ["%Y-%m-%d"]
+# Far enough for any attendance, near enough that a day in any zone stays a
+# valid datetime (year 1 in Tokyo is before year 1 in UTC).
+DATE_RANGE = [
+    MinValueValidator(datetime.date(1900, 1, 1)),
+    MaxValueValidator(datetime.date(2999, 12, 31)),
+]
 
 
 class StrictOrderingFilter(OrderingFilter):
@@ -60,11 +67,13 @@ class RawAttendanceFilter(filters.FilterSet):
     user_id = filters.CharFilter(help_text="The user id shown on the clock.")
     start_date = filters.DateFilter(
         input_formats=ISO_DATE,
+        validators=DATE_RANGE,
         method="_dates",
         help_text="First day (YYYY-MM-DD), a local date in tz.",
     )
     end_date = filters.DateFilter(
         input_formats=ISO_DATE,
+        validators=DATE_RANGE,
         method="_dates",
         help_text="Last day (YYYY-MM-DD, inclusive), a local date in tz.",
     )
@@ -124,12 +133,14 @@ class ProcessedAttendanceFilter(filters.FilterSet):
     user_id = filters.CharFilter(help_text="The user id shown on the clock.")
     start_date = filters.DateFilter(
         input_formats=ISO_DATE,
+        validators=DATE_RANGE,
         field_name="work_date",
         lookup_expr="gte",
         help_text="First work date (YYYY-MM-DD).",
     )
     end_date = filters.DateFilter(
         input_formats=ISO_DATE,
+        validators=DATE_RANGE,
         field_name="work_date",
         lookup_expr="lte",
         help_text="Last work date (YYYY-MM-DD, inclusive).",

@@ -309,16 +309,24 @@ class ProcessedAttendanceSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+def _plausible(moment):
+    if moment is not None and not 1900 <= moment.year <= 2999:
+        raise serializers.ValidationError("A time between the years 1900 and 2999.")
+    return moment
+
+
 class CorrectionSerializer(serializers.Serializer):
     """HR's correction of a day: times with an offset (without one they are UTC)."""
 
-    clock_in = serializers.DateTimeField()
-    clock_out = serializers.DateTimeField(allow_null=True, required=False, default=None)
+    clock_in = serializers.DateTimeField(validators=[_plausible])
+    clock_out = serializers.DateTimeField(
+        allow_null=True, required=False, default=None, validators=[_plausible]
+    )
 
 
 class SyncRequestSerializer(serializers.Serializer):
     ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1),
+        child=serializers.IntegerField(min_value=1, max_value=2**63 - 1),
         required=False,
         max_length=10000,
         help_text="Daily records to send again even if the CRM holds them; omitted, "

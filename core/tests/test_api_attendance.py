@@ -87,6 +87,8 @@ def test_raw_filters_by_device_user_punch_state_and_suspect(hr):
         ({"suspect": "maybe"}, "suspect"),
         ({"ordering": "password"}, "ordering"),
         ({"start_date": "2026-11-05", "end_date": "2026-11-01"}, "end_date"),
+        ({"start_date": "0001-01-01", "tz": "Asia/Tokyo"}, "start_date"),
+        ({"end_date": "9999-12-31"}, "end_date"),
     ],
 )
 def test_a_bad_raw_filter_value_is_a_400_naming_the_parameter(hr, params, named):
@@ -174,6 +176,7 @@ def test_an_hr_correction_marks_the_day_manual_and_records_who_and_when(hr):
     [
         ({"clock_in": "2026-11-02T17:00:00Z", "clock_out": "2026-11-02T08:00:00Z"}, "clock_out"),
         ({"clock_in": "eight o'clock"}, "clock_in"),
+        ({"clock_in": "0001-01-01T00:00:00Z"}, "clock_in"),
         ({}, "clock_in"),
     ],
 )
