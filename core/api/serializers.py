@@ -334,6 +334,20 @@ class SyncRequestSerializer(serializers.Serializer):
     )
 
 
+class ProcessingResultSerializer(serializers.Serializer):
+    mode = serializers.CharField()
+    new_punches = serializers.IntegerField()
+    groups_recomputed = serializers.IntegerField()
+    punches_read = serializers.IntegerField()
+    rows_created = serializers.IntegerField()
+    rows_changed = serializers.IntegerField()
+    rows_deleted = serializers.IntegerField()
+    rows_voided = serializers.IntegerField()
+    outliers = serializers.IntegerField()
+    manual_flagged = serializers.IntegerField()
+    seconds = serializers.FloatField()
+
+
 class ChangesPageSerializer(serializers.Serializer):
     results = serializers.ListField(
         child=serializers.DictField(), help_text="Records in the CRM contract's shape."

@@ -1,4 +1,5 @@
-"""The groups of the REST API (docs/permissions.md): HR, Operators, CRM.
+"""The groups of the REST API (docs/permissions.md): HR, Operators, CRM, and
+the permission to run processing (core.process_processedattendance).
 
 Permissions are created here first: on a new database Django creates them only
 after all migrations ran. A group that exists keeps its members; it gets the
@@ -19,7 +20,7 @@ GROUPS = {
         "view_processedattendance",
         "change_processedattendance",
     ],
-    # Manage devices and the users on them, poll, and send days to the CRM.
+    # Manage devices and the users on them, poll, process, and send days to the CRM.
     "Operators": [
         "view_device",
         "add_device",
@@ -32,6 +33,7 @@ GROUPS = {
         "view_employee",
         "view_rawattendance",
         "view_processedattendance",
+        "process_processedattendance",
         "resend_processedattendance",
         "reset_failed_processedattendance",
         "view_deliverylog",
@@ -72,4 +74,22 @@ class Migration(migrations.Migration):
         ("contenttypes", "0002_remove_content_type_name"),
     ]
 
-    operations = [migrations.RunPython(create_groups, remove_groups)]
+    operations = [
+        migrations.AlterModelOptions(
+            name="processedattendance",
+            options={
+                "ordering": ["-work_date", "user_id"],
+                "permissions": [
+                    ("resend_processedattendance", "Can resend daily records to the CRM"),
+                    (
+                        "process_processedattendance",
+                        "Can run processing of punches into daily records",
+                    ),
+                    ("reset_failed_processedattendance", "Can make failed deliveries due again"),
+                ],
+                "verbose_name": "daily attendance",
+                "verbose_name_plural": "daily attendance",
+            },
+        ),
+        migrations.RunPython(create_groups, remove_groups),
+    ]

@@ -204,6 +204,22 @@ def test_sync_queues_a_delivery_and_a_resend_of_the_ids_given(api_as, celery_sen
     assert len(celery_sent) == 2
 
 
+def test_process_queues_a_run_or_with_wait_builds_the_days_now(api_as, celery_sent):
+    operator = api_as(groups=["Operators"])
+    answer = operator.post("/api/processed-attendance/process/")
+    assert answer.status_code == 202
+    assert celery_sent == [("core.tasks.process_attendance", (), {}, answer.json()["task_id"])]
+    door = DeviceFactory()
+    RawAttendanceFactory(device=door, user_id="1001", timestamp=at(2026, 11, 2, 8, 0))
+    RawAttendanceFactory(device=door, user_id="1001", timestamp=at(2026, 11, 2, 17, 0))
+    ran = operator.post("/api/processed-attendance/process/?wait=true")
+    assert ran.status_code == 200 and ran.json()["rows_created"] == 1
+    assert ProcessedAttendance.objects.get().worked == datetime.timedelta(hours=9)
+    again = operator.post("/api/processed-attendance/process/?wait=true")
+    assert again.json()["rows_created"] == 0 and again.json()["rows_changed"] == 0
+    assert len(celery_sent) == 1
+
+
 # --- CSV ---------------------------------------------------------------------------------
 
 

@@ -86,6 +86,7 @@ def endpoints(w) -> list[tuple[str, str, dict | None, set[str]]]:
         ("get", "/api/processed-attendance/changes/", None, ATTENDANCE_READERS),
         ("patch", f"/api/processed-attendance/{day}/", correction, {"HR"}),
         ("post", "/api/processed-attendance/sync/", {"ids": [day]}, {"Operators"}),
+        ("post", "/api/processed-attendance/process/", None, {"Operators"}),
         ("delete", f"/api/processed-attendance/{day}/", None, set()),
         ("get", "/api/", None, EVERYONE),
         ("get", "/api/schema/", None, EVERYONE),
@@ -147,6 +148,7 @@ def test_the_groups_hold_the_permissions_the_docs_list():
         "test_device",
         "sync_device_clock",
         "manage_device_users",
+        "process_processedattendance",
         "resend_processedattendance",
     } <= perms("Operators")
     assert "change_processedattendance" not in perms("Operators")

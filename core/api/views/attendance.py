@@ -1,5 +1,7 @@
 """/api/raw-attendance/ and /api/processed-attendance/: punches and daily records."""
 
+import dataclasses
+
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -19,14 +21,21 @@ from core.api.serializers import (
     ChangesPageSerializer,
     CorrectionSerializer,
     ProcessedAttendanceSerializer,
+    ProcessingResultSerializer,
     RawAttendanceSerializer,
     SyncRequestSerializer,
     TaskQueuedSerializer,
 )
-from core.api.views.common import DETAIL_ERRORS, LIST_ERRORS, WRITE_ERRORS
+from core.api.views.common import (
+    DETAIL_ERRORS,
+    LIST_ERRORS,
+    WAIT,
+    WRITE_ERRORS,
+    wait_requested,
+)
 from core.crm import FEED_MAX_LIMIT, InvalidCursor, crm_changes
 from core.models import ProcessedAttendance, RawAttendance
-from core.processing import attendance_edit
+from core.processing import attendance_edit, attendance_process
 
 CSV_FORMAT = OpenApiParameter(
     "format",
@@ -98,6 +107,7 @@ class ProcessedAttendanceViewSet(
     action_permissions = {
         "partial_update": _CHANGE_PERMS,
         "sync": _SYNC_PERMS,
+        "process": ["core.view_processedattendance", "core.process_processedattendance"],
         "unsynced": ["core.view_processedattendance"],
         "outliers": ["core.view_processedattendance"],
         "changes": ["core.view_processedattendance"],
@@ -156,6 +166,22 @@ class ProcessedAttendanceViewSet(
                 raise ValidationError({"ids": f"No daily record with id {unknown[:20]}."})
         task = tasks.sync_to_crm.delay(ids or None)
         return Response({"task_id": task.id}, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        summary="Build daily records from the punches stored since the last run",
+        request=None,
+        parameters=[WAIT],
+        responses={200: ProcessingResultSerializer, 202: TaskQueuedSerializer, **LIST_ERRORS},
+        description="Queues an incremental processing run (or, with wait=true, runs it and "
+        "answers its counts). Idempotent: a run with nothing new changes nothing. Needs "
+        "core.process_processedattendance.",
+    )
+    @action(detail=False, methods=["post"], filter_backends=[], pagination_class=None)
+    def process(self, request):
+        if not wait_requested(request):
+            task = tasks.process_attendance.delay()
+            return Response({"task_id": task.id}, status=status.HTTP_202_ACCEPTED)
+        return Response(dataclasses.asdict(attendance_process()))
 
     @extend_schema(
         summary="The pull feed: days changed since a cursor",
