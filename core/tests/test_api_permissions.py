@@ -160,3 +160,17 @@ def test_a_user_without_the_action_permission_is_told_which_one_is_missing(world
     answer = client.post(f"/api/devices/{world['device'].pk}/poll/")
     assert answer.status_code == 403
     assert "core.poll_device" in answer.json()["detail"]
+
+
+def test_every_list_and_row_opens_in_the_browsable_api(world, api_as):
+    superuser = api_as()
+    superuser.user.is_superuser = True
+    superuser.user.save()
+    broken = []
+    for method, url, _body, _allowed in endpoints(world):
+        if method != "get" or url.startswith(("/api/schema/", "/api/docs/", "/api/redoc/")):
+            continue
+        page = superuser.get(url, HTTP_ACCEPT="text/html")
+        if page.status_code != 200 or b"<html" not in page.content:
+            broken.append(f"{url}: {page.status_code}")
+    assert broken == []

@@ -2,10 +2,12 @@
 
 import dataclasses
 
+from django.db.models import ProtectedError
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.filters import SearchFilter
 from rest_framework.response import Response
 
@@ -34,7 +36,7 @@ def _queued(task) -> Response:
     return Response({"task_id": task.id}, status=status.HTTP_202_ACCEPTED)
 
 
-def _device_action(kind: str, perm: str, result, description: str):
+def _device_action(perm: str, result, description: str):
     return extend_schema(
         summary=description,
         request=None,
@@ -70,9 +72,6 @@ class DeviceViewSet(viewsets.ModelViewSet):
     }
 
     def perform_destroy(self, instance):
-        from django.db.models import ProtectedError
-        from rest_framework.exceptions import ValidationError
-
         try:
             instance.delete()
         except ProtectedError:
@@ -80,7 +79,7 @@ class DeviceViewSet(viewsets.ModelViewSet):
                 {"detail": f"Device {instance.name!r} has punches; disable it instead."}
             ) from None
 
-    @_device_action("poll", "core.poll_device", PollResultSerializer, "Download new punches")
+    @_device_action("core.poll_device", PollResultSerializer, "Download new punches")
     @action(detail=True, methods=["post"])
     def poll(self, request, pk=None):
         device = self.get_object()
@@ -92,7 +91,7 @@ class DeviceViewSet(viewsets.ModelViewSet):
             return Response(answer, status=device_error_status(timed_out=result.timed_out))
         return Response(answer)
 
-    @_device_action("test", "core.test_device", DeviceReportSerializer, "Test the connection")
+    @_device_action("core.test_device", DeviceReportSerializer, "Test the connection")
     @action(detail=True, methods=["post"])
     def test(self, request, pk=None):
         device = self.get_object()
@@ -104,9 +103,7 @@ class DeviceViewSet(viewsets.ModelViewSet):
             return Response(answer, status=device_error_status(timed_out=report.timed_out))
         return Response(answer)
 
-    @_device_action(
-        "sync_time", "core.sync_device_clock", ClockSetSerializer, "Set the device clock"
-    )
+    @_device_action("core.sync_device_clock", ClockSetSerializer, "Set the device clock")
     @action(detail=True, methods=["post"])
     def sync_time(self, request, pk=None):
         device = self.get_object()
