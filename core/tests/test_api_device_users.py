@@ -246,3 +246,18 @@ def test_an_import_needs_users_or_a_url_not_both(operator, clock, source):
     assert operator.post(url, {}, format="json").status_code == 400
     both = {"users": [{"user_id": "1"}], "url": source.url}
     assert operator.post(url, both, format="json").status_code == 400
+
+
+def test_over_udp_a_clock_takes_numeric_user_ids_and_names_of_8_bytes(operator, clock):
+    emulator, _device = clock
+    udp = DeviceFactory(port=emulator.port, protocol="udp")
+    url = f"/api/devices/{udp.pk}/users/"
+    long_name = operator.post(url, {"user_id": "7001", "name": "Gabriela"[:8] + "X"}, format="json")
+    assert long_name.status_code == 400 and "at most 8" in long_name.json()["name"]
+    letters = operator.post(url, {"user_id": "A7", "name": "Gil"}, format="json")
+    assert letters.status_code == 400 and "numeric" in letters.json()["user_id"]
+    added = operator.post(url, {"user_id": "7001", "name": "Gabriela"}, format="json")
+    assert added.status_code == 201, added.content
+    assert on_clock(emulator)["7001"] == (3, "Gabriela")
+    listed = operator.get(url).json()["results"]
+    assert [u["user_id"] for u in listed] == ["1001", "1002", "7001"]
