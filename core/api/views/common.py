@@ -25,7 +25,11 @@ DEVICE_TIMEOUT = OpenApiResponse(
     DeviceErrorSerializer, description="The device did not answer in time."
 )
 
-READ_ERRORS = {401: UNAUTHENTICATED, 403: FORBIDDEN}
+THROTTLED = OpenApiResponse(
+    ErrorSerializer, description="Too many requests (API_THROTTLE_RATE): wait and retry."
+)
+
+READ_ERRORS = {401: UNAUTHENTICATED, 403: FORBIDDEN, 429: THROTTLED}
 LIST_ERRORS = {400: BAD_REQUEST, **READ_ERRORS}
 DETAIL_ERRORS = {**READ_ERRORS, 404: NOT_FOUND}
 WRITE_ERRORS = {400: BAD_REQUEST, **DETAIL_ERRORS}
