@@ -833,6 +833,13 @@ def test_generation_makes_exactly_the_requested_punches_within_the_window(users,
     assert all(r.user_id in known and r.status in (1, 15) for r in state.attendance)
 
 
+def test_generation_over_a_weekend_only_window_still_makes_its_punches():
+    sunday_noon = datetime(2026, 12, 6, 12, 0, 0)
+    state = DeviceState.generate(users=1, punches=1, days=1, seed=2, now=sunday_noon)
+    assert len(state.attendance) == 1
+    assert sunday_noon - timedelta(days=1) <= state.attendance[0].timestamp <= sunday_noon
+
+
 def test_generated_log_looks_like_a_real_one():
     state = DeviceState.generate(users=60, punches=5000, days=90, seed=3, now=NOW)
     log = state.attendance
