@@ -23,6 +23,7 @@ from django.db.models.lookups import GreaterThanOrEqual
 from django.utils import timezone
 
 from core.crm import DeliveryStats, crm_punch_stats, crm_stats
+from core.ingest import drift_text
 from core.models import Device, ProcessedAttendance, RawAttendance
 
 # A device is overdue when its last successful poll is older than this many
@@ -196,7 +197,7 @@ class DeviceAlert:
     last_success_at: datetime.datetime | None
     last_error: str
     log_fill_percent: float | None
-    clock_drift_seconds: float | None
+    clock_drift: str  # "70 minutes behind" when the clock drifts, else empty
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +339,7 @@ def _devices(now: datetime.datetime) -> DeviceHealth:
             last_success_at=device.last_success_at,
             last_error=device.last_error,
             log_fill_percent=device.log_fill_percent,
-            clock_drift_seconds=device.clock_drift_seconds,
+            clock_drift=drift_text(device.clock_drift_seconds) if device.drift else "",
         )
         for device in devices
         if any(getattr(device, kind) for kind in _DEVICE_PROBLEMS)

@@ -350,6 +350,8 @@ def test_device_links_list_exactly_the_devices_counted(admin_client, devices):
         assert number == len(keys), label
         assert listed(admin_client, link) == {devices[k].pk for k in keys}, label
     assert "did not answer" not in page  # the list says what is wrong, the device page why
+    assert "clock 60 minutes behind" in page
+    assert "clock 5 minutes ahead" in page
     assert reverse("admin:core_device_change", args=[devices["full"].pk]) in page
 
 
