@@ -441,7 +441,7 @@ def test_the_punch_backlog_shows_only_when_punches_are_exported(admin_client, se
 def hourly_punches():
     device = DeviceFactory(name="Hall")
     moments = (
-        # Today, Auckland: three at 08:xx, one at 09:05 (20:05 UTC yesterday... no: today's UTC date).
+        # Today in Auckland: three at 08:0x and one at 09:05, all on 5 December in UTC.
         [local(TODAY, 8, m) for m in (1, 2, 3)]
         + [local(TODAY, 9, 5)]
         # The last seven days: 14 punches at 08:xx spread over them, 7 at 17:xx.
@@ -515,7 +515,7 @@ def test_a_view_only_user_follows_the_links_and_sees_the_same_rows(staff_client,
     assert len(listed(client, link)) == number == 3
 
 
-def test_panels_a_user_may_not_see_cost_no_query(staff_client, django_assert_max_num_queries):
+def test_panels_a_user_may_not_see_cost_no_query(staff_client):
     client = staff_client("core.view_device")
     index(client)  # the session and permissions cached as on any later page
     with CaptureQueriesContext(connection) as queries:
