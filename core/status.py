@@ -370,20 +370,23 @@ def _punches_per_hour(now: datetime.datetime) -> PunchesPerHour:
     for hour, count in rows:
         local = hour.astimezone(zone)
         (today_counts if local.date() == today else past_counts)[local.hour] += count
-    bars = []
-    for hour in range(24):
-        start = datetime.datetime.combine(today, datetime.time(hour), tzinfo=zone).astimezone(
-            datetime.UTC
+    # Each local hour from its start to the next one's, in UTC: the hour a
+    # clock repeats when DST ends spans two real hours, the one it skips none.
+    starts = [
+        datetime.datetime.combine(today, datetime.time(hour), tzinfo=zone).astimezone(datetime.UTC)
+        for hour in range(24)
+    ]
+    starts.append(local_midnight(today + datetime.timedelta(days=1), zone))
+    bars = [
+        HourBar(
+            hour=hour,
+            start=starts[hour],
+            end=max(starts[hour], starts[hour + 1]),
+            today=today_counts[hour],
+            average=past_counts[hour] / AVERAGE_DAYS,
         )
-        bars.append(
-            HourBar(
-                hour=hour,
-                start=start,
-                end=start + datetime.timedelta(hours=1),
-                today=today_counts[hour],
-                average=past_counts[hour] / AVERAGE_DAYS,
-            )
-        )
+        for hour in range(24)
+    ]
     scale = max([1, *today_counts, *(round(b.average + 0.5) for b in bars)])
     return PunchesPerHour(
         bars=bars,

@@ -481,6 +481,27 @@ def test_each_hour_of_the_chart_links_to_its_punches(admin_client, hourly_punche
     assert len(listed(admin_client, link)) == 4
 
 
+def test_the_hour_a_clock_repeats_when_dst_ends_is_one_bar_with_both_hours(admin_client, settings):
+    """Lisbon falls back from 02:00 WEST to 01:00 WET on 25 October 2026."""
+    settings.COMPANY_TIMEZONE = "Europe/Lisbon"
+    device = DeviceFactory(name="Lisbon")
+    first = datetime.datetime(2026, 10, 25, 0, 30, tzinfo=datetime.UTC)  # 01:30 WEST
+    second = datetime.datetime(2026, 10, 25, 1, 30, tzinfo=datetime.UTC)  # 01:30 WET
+    later = datetime.datetime(2026, 10, 25, 2, 30, tzinfo=datetime.UTC)  # 02:30 WET
+    for n, moment in enumerate([first, second, later]):
+        RawAttendance.objects.create(device=device, user_id=str(n), timestamp=moment)
+    with time_machine.travel(datetime.datetime(2026, 10, 25, 12, tzinfo=datetime.UTC), tick=False):
+        chart = status.status_read(sections={status.PUNCHES_PER_HOUR}).punches_per_hour
+        page = index(admin_client)
+    assert (chart.bars[1].today, chart.bars[2].today, chart.total_today) == (2, 1, 3)
+    bars = dict(
+        (hour, unescape(link))
+        for link, hour in re.findall(r'<a href="([^"]+)">\s*<title>(\d\d):00:', page)
+    )
+    assert len(listed(admin_client, bars["01"])) == 2
+    assert len(listed(admin_client, bars["02"])) == 1
+
+
 # --- Who sees what ---------------------------------------------------------------------
 
 
