@@ -131,7 +131,8 @@ ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # The admin, with the HR status page as its first page (core.admin_status).
+    "core.apps.BridgeAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -343,6 +344,24 @@ except ValueError:
 RETRY_FAILED_SYNCS_HOURS = envint("RETRY_FAILED_SYNCS_HOURS", 6, minimum=1)
 # Delivery log entries older than this are deleted by each sync run.
 DELIVERY_LOG_DAYS = envint("DELIVERY_LOG_DAYS", 30, minimum=1)
+
+
+# --- HR status page (core.status) ---------------------------------------------------
+
+# The zone whose date is "today" on the admin's status page (who is in, punches
+# per hour); unset or empty, DEVICE_DEFAULT_TIMEZONE.
+COMPANY_TIMEZONE = (
+    envzone("COMPANY_TIMEZONE", DEVICE_DEFAULT_TIMEZONE)
+    if envstr("COMPANY_TIMEZONE", "").strip()
+    else DEVICE_DEFAULT_TIMEZONE
+)
+# A device whose log holds this share of its capacity or more is shown as
+# nearly full, before it starts overwriting or refusing punches.
+DEVICE_LOG_FULL_ALERT_PERCENT = envint("DEVICE_LOG_FULL_ALERT_PERCENT", 90, minimum=1)
+if DEVICE_LOG_FULL_ALERT_PERCENT > 100:
+    raise ImproperlyConfigured(
+        f"DEVICE_LOG_FULL_ALERT_PERCENT must be at most 100, got {DEVICE_LOG_FULL_ALERT_PERCENT}"
+    )
 
 
 # --- REST API ------------------------------------------------------------------------

@@ -844,3 +844,23 @@ class DeliveryLogAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # kept DELIVERY_LOG_DAYS, then dropped by the sync run
+
+
+# --- HR status page (core.admin_status) ----------------------------------------------
+# The filters its figures link to, added here in one place so the lists above
+# stay as they are.
+
+from core.admin_status import (  # noqa: E402
+    DeviceStatusFilter,
+    PresenceFilter,
+    PunchDeliveryFilter,
+    ReviewFilter,
+)
+
+DeviceAdmin.list_filter = [*DeviceAdmin.list_filter, DeviceStatusFilter]
+ProcessedAttendanceAdmin.list_filter = [
+    *ProcessedAttendanceAdmin.list_filter,
+    PresenceFilter,
+    ReviewFilter,
+]
+RawAttendanceAdmin.list_filter = [*RawAttendanceAdmin.list_filter, PunchDeliveryFilter]
