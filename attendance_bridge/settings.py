@@ -140,6 +140,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "auditlog",
     "core",
 ]
 
@@ -149,6 +150,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # The audit log's actor and address (core.audit): after authentication.
+    "core.audit.AuditActorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -364,6 +367,13 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Raw punches from ZKTeco clocks and daily clock-in/clock-out records.",
     "VERSION": "0.1.0",
 }
+
+
+# --- Audit log (core.audit, django-auditlog) ---------------------------------------------
+
+# Before/after values stored as JSON (numbers, booleans and nulls keep their
+# type) rather than as text.
+AUDITLOG_STORE_JSON_CHANGES = True
 
 
 # --- Logging -------------------------------------------------------------------------
