@@ -1,25 +1,40 @@
+import csv
 import datetime
 from zoneinfo import ZoneInfo
 
+from auditlog import admin as auditlog_admin
+from auditlog.models import LogEntry
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
 from django.db.models import OuterRef, Q, Subquery
+from django.http import StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
+from core.audit import audit_changes, audit_clock_set
 from core.crm import crm_resend, crm_reset_failed
 from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
-from core.models import DeliveryLog, Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import (
+    DeliveryLog,
+    Device,
+    Employee,
+    ProcessedAttendance,
+    RawAttendance,
+    Timesheet,
+)
 from core.processing import (
     attendance_discard_edits,
     attendance_edit,
     attendance_mark_reviewed,
     attendance_recompute,
 )
+from core.reports import TIMESHEET_COLUMNS, timesheet_build
 from core.zk.client import DeviceError
 
 # --- Devices -------------------------------------------------------------------------
@@ -264,6 +279,7 @@ class DeviceAdmin(admin.ModelAdmin):
             except DeviceError as exc:
                 self.message_user(request, f"{device.name}: {exc}", messages.ERROR)
             else:
+                audit_clock_set(actor=request.user, device=device, set_to=local_now)
                 self.message_user(
                     request,
                     f"{device.name}: clock set to {local_now:%Y-%m-%d %H:%M:%S} ({device.timezone})",
@@ -429,12 +445,17 @@ class RawAttendanceAdmin(admin.ModelAdmin):
         count = queryset.count()  # before the update: a filter on the verdict would change it
         if form.is_bound and form.is_valid():
             try:
-                written = punches_judge(
+                with audit_changes(
+                    actor=request.user,
+                    action="punches_judge",
                     ids=queryset.values_list("pk", flat=True),
-                    suspect=suspect,
-                    reason=form.cleaned_data["reason"],
-                    user=request.user,
-                )
+                ) as ids:
+                    written = punches_judge(
+                        ids=ids,
+                        suspect=suspect,
+                        reason=form.cleaned_data["reason"],
+                        user=request.user,
+                    )
             except ValueError as exc:
                 form.add_error("reason", str(exc))
             else:
@@ -715,12 +736,13 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if {"clock_in", "clock_out"} & set(form.changed_data):
-            edited = attendance_edit(
-                record_id=obj.pk,
-                clock_in=form.cleaned_data["clock_in"],
-                clock_out=form.cleaned_data["clock_out"],
-                user=request.user,
-            )
+            with audit_changes(actor=request.user, action="attendance_edit", ids=[obj.pk]):
+                edited = attendance_edit(
+                    record_id=obj.pk,
+                    clock_in=form.cleaned_data["clock_in"],
+                    clock_out=form.cleaned_data["clock_out"],
+                    user=request.user,
+                )
             obj.__dict__.update(edited.__dict__)
 
     def has_add_permission(self, request):
@@ -771,14 +793,22 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Mark reviewed", permissions=["change"])
     def mark_reviewed(self, request, queryset):
-        count = attendance_mark_reviewed(
-            ids=queryset.values_list("pk", flat=True), user=request.user
-        )
+        with audit_changes(
+            actor=request.user,
+            action="attendance_mark_reviewed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = attendance_mark_reviewed(ids=ids, user=request.user)
         self.message_user(request, f"{count} day(s) marked reviewed.", messages.SUCCESS)
 
     @admin.action(description="Discard HR edits and recompute from punches", permissions=["change"])
     def discard_edits(self, request, queryset):
-        result = attendance_discard_edits(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="attendance_discard_edits",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            result = attendance_discard_edits(ids=ids)
         self.message_user(request, f"Edits discarded: {result.summary()}", messages.SUCCESS)
 
     @admin.display(description="delivery error")
@@ -793,7 +823,10 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resend to the CRM", permissions=["resend_processedattendance"])
     def resend(self, request, queryset):
-        count = crm_resend(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user, action="crm_resend", ids=queryset.values_list("pk", flat=True)
+        ) as ids:
+            count = crm_resend(ids=ids)
         self.message_user(
             request,
             f"{count} day(s) due for delivery again; the next sync_to_crm run sends them.",
@@ -805,7 +838,12 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
         permissions=["reset_failed_processedattendance"],
     )
     def reset_failed(self, request, queryset):
-        count = crm_reset_failed(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="crm_reset_failed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_reset_failed(ids=ids)
         self.message_user(
             request,
             f"{count} failed day(s) due for delivery again; the next sync_to_crm run sends "
@@ -844,3 +882,119 @@ class DeliveryLogAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # kept DELIVERY_LOG_DAYS, then dropped by the sync run
+
+
+# --- Timesheet (core.reports) ----------------------------------------------------------
+
+
+class TimesheetForm(forms.Form):
+    start_date = forms.DateField(widget=forms.DateInput(attrs={"type": "date"}))
+    end_date = forms.DateField(widget=forms.DateInput(attrs={"type": "date"}))
+    user_id = forms.CharField(label="User ID", required=False, max_length=24)
+
+    def clean(self):
+        cleaned = super().clean()
+        start, end = cleaned.get("start_date"), cleaned.get("end_date")
+        if start and end and end < start:
+            self.add_error("end_date", "The end date must not be before the start date.")
+        return cleaned
+
+
+class _Echo:
+    """A file that hands back what is written, for csv.writer into a streamed response."""
+
+    def write(self, value):
+        return value
+
+
+def _csv_cell(value):
+    # A cell starting with = + - @ is a formula to a spreadsheet; names come from clocks.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        return "'" + value
+    return value
+
+
+@admin.register(Timesheet)
+class TimesheetAdmin(admin.ModelAdmin):
+    """The timesheet page: a period's figures per employee, on screen and as CSV.
+
+    Needs core.view_timesheet (the page lists under Attendance for users who have it).
+    """
+
+    page_size = 100
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.has_perm("core.view_timesheet")
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def changelist_view(self, request, extra_context=None):
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        if "start_date" in request.GET or "end_date" in request.GET:
+            form = TimesheetForm(request.GET)
+        else:
+            today = timezone.localdate()
+            form = TimesheetForm({"start_date": today.replace(day=1), "end_date": today})
+        rows = page = None
+        if form.is_valid():
+            user_id = form.cleaned_data["user_id"]
+            rows = timesheet_build(
+                start_date=form.cleaned_data["start_date"],
+                end_date=form.cleaned_data["end_date"],
+                user_ids=[user_id] if user_id else None,
+            )
+            if request.GET.get("download") == "csv":
+                return self._csv(rows, form.cleaned_data)
+            page = Paginator(rows, self.page_size).get_page(request.GET.get("p"))
+        query = request.GET.copy()
+        query.pop("p", None)
+        query.pop("download", None)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Timesheet",
+            "opts": self.model._meta,
+            "form": form,
+            "columns": TIMESHEET_COLUMNS,
+            "page": page,
+            "query": query.urlencode(),
+            **(extra_context or {}),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/core/timesheet/report.html", context)
+
+    def _csv(self, rows, params):
+        writer = csv.writer(_Echo())
+
+        def lines():
+            yield writer.writerow(TIMESHEET_COLUMNS)
+            for row in rows:
+                yield writer.writerow([_csv_cell(row[column]) for column in TIMESHEET_COLUMNS])
+
+        name = f"timesheet_{params['start_date']}_{params['end_date']}.csv"
+        response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="{name}"'
+        return response
+
+
+# --- Audit log (core.audit) ------------------------------------------------------------
+
+admin.site.unregister(LogEntry)
+
+
+@admin.register(LogEntry)
+class AuditLogEntryAdmin(auditlog_admin.LogEntryAdmin):
+    """auditlog's read-only log, with the named change (attendance_edit, crm_resend, ...)."""
+
+    list_display = ["created", "resource_url", "action", "operation", "msg_short", "user_url"]
+
+    @admin.display(description="change")
+    def operation(self, entry):
+        return (entry.additional_data or {}).get("action", "")
