@@ -122,11 +122,16 @@ def audit_register() -> None:
             "last_serial_number",
             "created_at",
             "updated_at",
+            # Reverse relations, which a create would otherwise list as changed.
+            "punches",
+            "employees",
         ],
         mask_fields=["comm_key"],
         mask_callable="core.audit.mask_secret",
     )
-    auditlog.register(Employee, exclude_fields=["created_at", "updated_at"], m2m_fields={"devices"})
+    auditlog.register(
+        Employee, exclude_fields=["created_at", "updated_at", "days"], m2m_fields={"devices"}
+    )
 
 
 class AuditActorMiddleware(AuditlogMiddleware):
