@@ -19,9 +19,9 @@ import datetime
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from django.db.models import Count, Max, Q, QuerySet, Sum
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery, Sum
 
-from core.models import ProcessedAttendance
+from core.models import Employee, ProcessedAttendance
 
 # The columns of a timesheet row, in the order the CSV download writes them.
 TIMESHEET_COLUMNS = (
@@ -118,7 +118,6 @@ def timesheet_build(
     queryset = (
         days.values("user_id")
         .annotate(
-            name=Max("employee__name"),
             days_worked=Count("pk"),
             worked_total=Sum("worked"),
             late_clock_ins=Count("pk", filter=_reason("late_clock_in")),
@@ -126,6 +125,8 @@ def timesheet_build(
             missing_clock_outs=Count("pk", filter=Q(clock_out__isnull=True)),
             outlier_days=Count("pk", filter=Q(is_outlier=True)),
             manual_days=Count("pk", filter=Q(is_manual=True)),
+            # By user_id, as everywhere: a day's employee link may be unset.
+            name=Subquery(Employee.objects.filter(user_id=OuterRef("user_id")).values("name")[:1]),
         )
         .order_by("user_id")
     )
