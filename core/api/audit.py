@@ -46,8 +46,16 @@ class ModelLabelFilter(filters.Filter):
         return qs if value is None else qs.filter(content_type=value)
 
 
+class IdFilter(filters.NumberFilter):
+    """A whole-number id: "1.5" and numbers past the column's range are a 400."""
+
+    field_class = forms.IntegerField
+
+
 class AuditLogFilter(filters.FilterSet):
-    actor = filters.NumberFilter(field_name="actor_id", help_text="The acting user's id.")
+    actor = IdFilter(
+        field_name="actor_id", min_value=1, max_value=2**31 - 1, help_text="The acting user's id."
+    )
     actor_username = filters.CharFilter(
         field_name="actor__username", help_text="The acting user's username."
     )
