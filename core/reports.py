@@ -44,8 +44,9 @@ ITERATION_CHUNK = 2000
 def _reason(code: str) -> Q:
     # The code in quotes: a reason's message starts with "code: ...", so only
     # the code itself is the quoted string. Text search works alike on
-    # PostgreSQL's jsonb and SQLite's JSON text.
-    return Q(outlier_reasons__icontains=f'"{code}"')
+    # PostgreSQL's jsonb and SQLite's JSON text; only outlier days have reasons,
+    # so the others skip it.
+    return Q(is_outlier=True) & Q(outlier_reasons__icontains=f'"{code}"')
 
 
 def _hours_minutes(total: datetime.timedelta | None) -> str:
