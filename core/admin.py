@@ -13,6 +13,7 @@ from django.core.paginator import Paginator
 from django.db.models import OuterRef, Q, Subquery
 from django.http import StreamingHttpResponse
 from django.template.response import TemplateResponse
+from django.urls import path
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
@@ -922,6 +923,11 @@ class TimesheetAdmin(admin.ModelAdmin):
     """
 
     page_size = 100
+
+    def get_urls(self):
+        # The report page only: no page of a single day through the proxy.
+        name = f"{self.opts.app_label}_{self.opts.model_name}_changelist"
+        return [path("", self.admin_site.admin_view(self.changelist_view), name=name)]
 
     def has_view_permission(self, request, obj=None):
         return request.user.has_perm("core.view_timesheet")

@@ -12,6 +12,8 @@ from rest_framework import serializers
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import BasePermission, IsAuthenticated
 
+from core.api.reports import BoundedPagination
+
 ACTIONS = {label: code for code, label in LogEntry.Action.choices}
 
 
@@ -142,6 +144,7 @@ class AuditLogView(ListAPIView):
     """Every change a person made, newest first. Needs auditlog.view_logentry."""
 
     permission_classes = [IsAuthenticated, CanViewAuditLog]
+    pagination_class = BoundedPagination
     serializer_class = AuditLogEntrySerializer
     filter_backends = [filters.DjangoFilterBackend]
     filterset_class = AuditLogFilter

@@ -3,9 +3,18 @@
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.generics import ListAPIView
+from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.permissions import BasePermission, IsAuthenticated
 
 from core.reports import timesheet_build
+
+
+class BoundedPagination(LimitOffsetPagination):
+    """?limit= and ?offset=, with a limit no larger than max_limit: a larger one
+    is served as max_limit rather than passed to the database, where a number
+    past its integer range would fail the request."""
+
+    max_limit = 1000
 
 
 class CanViewTimesheet(BasePermission):
@@ -55,6 +64,7 @@ class TimesheetView(ListAPIView):
     """
 
     permission_classes = [IsAuthenticated, CanViewTimesheet]
+    pagination_class = BoundedPagination
     serializer_class = TimesheetRowSerializer
     # The parameters are parsed by TimesheetQuerySerializer, not a filter backend.
     filter_backends = []

@@ -119,6 +119,16 @@ def test_timesheet_api_returns_a_paginated_list_of_flat_rows(login, client, days
     assert [row["user_id"] for row in second["results"]] == ["2002"]
 
 
+@pytest.mark.parametrize("url", [TIMESHEET, AUDIT_LOG])
+def test_a_limit_past_the_databases_range_is_served_as_the_largest_page(login, client, log, url):
+    login("core.view_timesheet", "auditlog.view_logentry")
+    response = client.get(
+        url, {"start_date": "2026-11-01", "end_date": "2026-11-30", "limit": "9" * 20}
+    )
+    assert response.status_code == 200
+    assert len(response.json()["results"]) == response.json()["count"] >= 1
+
+
 def test_timesheet_api_filters_by_user_id(login, client, days):
     login("core.view_timesheet")
     response = client.get(
@@ -292,6 +302,13 @@ def test_timesheet_page_shows_the_period_and_is_linked_from_the_admin_index(logi
     html = page.content.decode()
     assert "Ann Lee" in html and "2002" in html
     assert "Download CSV" in html
+
+
+def test_timesheet_permission_opens_no_page_of_a_single_day(login, client, days):
+    login("core.view_timesheet")
+    day = ProcessedAttendance.objects.first()
+    assert client.get(f"/admin/core/timesheet/{day.pk}/change/").status_code == 404
+    assert client.get(f"/admin/core/processedattendance/{day.pk}/change/").status_code == 403
 
 
 def test_timesheet_page_opens_on_this_month(login, client, days):
