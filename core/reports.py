@@ -1,7 +1,7 @@
 """Reports over the daily records: the timesheet payroll asks for.
 
 The figures come from ProcessedAttendance in one SQL aggregation per page,
-never a query per row. "Late" and "early" are the outlier rules of
+and the names in one more query, never a query per row. "Late" and "early" are the outlier rules of
 core.processing.rules, as processing (or an HR correction) applied them to
 each day: a clock-in more than LATE_CLOCK_IN_MINUTES after the expected start
 (the employee's work_start_time, else the clock-in device's, else
@@ -19,7 +19,7 @@ import datetime
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 
 from core.models import Employee, ProcessedAttendance
 
@@ -54,12 +54,12 @@ def _hours_minutes(total: datetime.timedelta | None) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}"
 
 
-def timesheet_row(values: dict[str, Any]) -> dict[str, Any]:
+def timesheet_row(values: dict[str, Any], name: str = "") -> dict[str, Any]:
     """One employee's aggregated values as the flat row the report shows."""
     total = values["worked_total"] or datetime.timedelta()
     return {
         "user_id": values["user_id"],
-        "name": values["name"] or "",
+        "name": name,
         "days_worked": values["days_worked"],
         "worked_hours": round(total.total_seconds() / 3600, 2),
         "worked": _hours_minutes(total),
@@ -71,9 +71,21 @@ def timesheet_row(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _rows(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Names by user_id (a day's employee link may be unset), one query per
+    # batch: in the aggregation, a lookup would run once per day.
+    names = dict(
+        Employee.objects.filter(user_id__in=[values["user_id"] for values in batch]).values_list(
+            "user_id", "name"
+        )
+    )
+    return [timesheet_row(values, names.get(values["user_id"], "")) for values in batch]
+
+
 class TimesheetRows(Sequence):
     """The rows of a timesheet, read lazily: counted and sliced in SQL (a page
-    of the API), or iterated in chunks (a download), never all in memory."""
+    of the API), or iterated in chunks (a download), never all in memory. Two
+    queries a page or chunk: the aggregation, and the employees' names."""
 
     def __init__(self, queryset: QuerySet):
         self.queryset = queryset
@@ -86,12 +98,18 @@ class TimesheetRows(Sequence):
 
     def __getitem__(self, item):
         if isinstance(item, slice):
-            return [timesheet_row(values) for values in self.queryset[item]]
-        return timesheet_row(self.queryset[item])
+            return _rows(list(self.queryset[item]))
+        return _rows([self.queryset[item]])[0]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        batch = []
         for values in self.queryset.iterator(chunk_size=ITERATION_CHUNK):
-            yield timesheet_row(values)
+            batch.append(values)
+            if len(batch) == ITERATION_CHUNK:
+                yield from _rows(batch)
+                batch = []
+        if batch:
+            yield from _rows(batch)
 
 
 def timesheet_build(
@@ -126,8 +144,6 @@ def timesheet_build(
             missing_clock_outs=Count("pk", filter=Q(clock_out__isnull=True)),
             outlier_days=Count("pk", filter=Q(is_outlier=True)),
             manual_days=Count("pk", filter=Q(is_manual=True)),
-            # By user_id, as everywhere: a day's employee link may be unset.
-            name=Subquery(Employee.objects.filter(user_id=OuterRef("user_id")).values("name")[:1]),
         )
         .order_by("user_id")
     )
