@@ -49,7 +49,14 @@ What the REST API must call (the admin does the same in core/admin.py):
   (action ``"device_sync_time"``, ``device`` as read before the command);
   a cleared punch log with ``audit_record(..., action="device_clear_log",
   model=Device, entries=[AuditEntry.of(device, {"record_count": [before, 0]})])``.
-- Device create/change/delete through a serializer: nothing; the signals record it.
+- Device create/change/delete and employee changes (name, work-time
+  overrides) through a serializer's save() or delete(): nothing; the signals
+  record them. A view that writes them with .update() instead must call
+  audit_record.
+
+Reading the log: ``GET /api/audit-log/`` (core/api/audit.py) and the admin's
+Log entries, both with the ``auditlog.view_logentry`` permission only, which
+is what the HR and Operators groups need for it.
 
 The actor of signal-recorded entries: ``AuditActorMiddleware`` (in
 settings.MIDDLEWARE, in place of auditlog's own) reads ``request.user`` when an
