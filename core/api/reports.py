@@ -5,6 +5,7 @@ from rest_framework import serializers
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.permissions import BasePermission, IsAuthenticated
+from rest_framework.response import Response
 
 from core.reports import timesheet_build
 
@@ -68,6 +69,14 @@ class TimesheetView(ListAPIView):
     serializer_class = TimesheetRowSerializer
     # The parameters are parsed by TimesheetQuerySerializer, not a filter backend.
     filter_backends = []
+    # ?format=csv: add the CSV renderer to renderer_classes; see list().
+
+    def list(self, request, *args, **kwargs):
+        if getattr(request.accepted_renderer, "format", None) == "csv":
+            # Every row of the period, not a page: an iterable of flat dicts
+            # with the JSON's keys, read in chunks as the renderer consumes it.
+            return Response(self.get_queryset())
+        return super().list(request, *args, **kwargs)
 
     def get_queryset(self):
         query = TimesheetQuerySerializer(data=self.request.query_params)

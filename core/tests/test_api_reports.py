@@ -9,13 +9,17 @@ import pytest
 import time_machine
 from auditlog.models import LogEntry
 from django.contrib.auth.models import Permission
-from django.urls import reverse
+from django.urls import path, reverse
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 
+from attendance_bridge.urls import urlpatterns as project_urlpatterns
+from core.api.reports import TimesheetView
 from core.audit import AuditEntry, audit_record
 from core.models import Device, ProcessedAttendance
 from core.tests.factories import DeviceFactory, EmployeeFactory
 
 pytestmark = pytest.mark.django_db
+
 
 UTC = datetime.UTC
 TIMESHEET = "/api/reports/timesheet/"
@@ -153,6 +157,27 @@ def test_timesheet_api_answers_400_naming_the_bad_parameter(login, client, param
     response = client.get(TIMESHEET, params)
     assert response.status_code == 400
     assert list(response.json()) == [named]
+
+
+class RowsCsvRenderer(BaseRenderer):
+    """A stand-in for a CSV renderer: one user_id a line."""
+
+    media_type = "text/csv"
+    format = "csv"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        return "\n".join(row["user_id"] for row in data).encode()
+
+
+@pytest.mark.urls(__name__)
+def test_timesheet_api_hands_a_csv_renderer_every_row_of_the_period(login, client, days):
+    login("core.view_timesheet")
+    response = client.get(
+        "/csv-timesheet/",
+        {"start_date": "2026-11-01", "end_date": "2026-11-30", "limit": 1, "format": "csv"},
+    )
+    assert response.status_code == 200
+    assert response.content.decode().splitlines() == ["2001", "2002"]
 
 
 def test_timesheet_api_is_read_only(login, client):
@@ -354,3 +379,13 @@ def test_timesheet_csv_neutralises_a_name_a_spreadsheet_would_run(login, client)
     )
     text = b"".join(response.streaming_content).decode()
     assert "'=HYPERLINK(1)" in text
+
+
+# The project's URLs and a timesheet view with a CSV renderer, for the test above.
+urlpatterns = [
+    *project_urlpatterns,
+    path(
+        "csv-timesheet/",
+        TimesheetView.as_view(renderer_classes=[JSONRenderer, RowsCsvRenderer]),
+    ),
+]
