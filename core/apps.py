@@ -5,8 +5,3 @@ class CoreConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "core"
     verbose_name = "Attendance"
-
-    def ready(self):
-        from core.audit import audit_register
-
-        audit_register()

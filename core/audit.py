@@ -2,7 +2,7 @@
 
 Entries are django-auditlog's ``LogEntry`` rows, written two ways:
 
-1. Model saves and deletes of the models registered in ``audit_register()``
+1. Model saves and deletes of the models in settings.AUDITLOG_INCLUDE_TRACKING_MODELS
    (devices, employees) are recorded by auditlog's own signals, so an edit in
    the admin or a serializer's ``save()`` in the API needs nothing more.
 2. Changes made with set-based ``.update()`` (which send no signal), and
@@ -81,64 +81,24 @@ from auditlog.cid import get_cid
 from auditlog.context import auditlog_value
 from auditlog.middleware import AuditlogMiddleware
 from auditlog.models import LogEntry
-from auditlog.registry import auditlog
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
 from django.db import models, transaction
 from django.utils.functional import SimpleLazyObject
 
-from core.models import Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import Device, ProcessedAttendance, RawAttendance
 
 # Rows read per query for a snapshot: far below SQLite's bound on query parameters.
 SNAPSHOT_CHUNK = 2000
 BULK_BATCH = 1000
 
 
-# --- Registration of models recorded by signals ----------------------------------------
+# --- Models recorded by signals (settings.AUDITLOG_INCLUDE_TRACKING_MODELS) ----------------
 
 
 def mask_secret(value: str) -> str:
     """How a secret appears in the log: whether it is set, never a digit of it."""
     return "not set" if value in ("", "0", "None") else "set"
-
-
-def audit_register() -> None:
-    """Registers the models whose saves and deletes auditlog records (CoreConfig.ready).
-
-    Fields a poll writes (state learned from the device) are excluded: polls
-    write them with .update(), and an operator never sets them.
-    """
-    auditlog.register(
-        Device,
-        exclude_fields=[
-            "serial_number",
-            "firmware",
-            "platform",
-            "device_name",
-            "user_count",
-            "user_capacity",
-            "record_count",
-            "record_capacity",
-            "clock_drift_seconds",
-            "last_poll_at",
-            "last_success_at",
-            "last_full_download_at",
-            "last_error",
-            "consecutive_failures",
-            "last_record_count",
-            "last_serial_number",
-            "created_at",
-            "updated_at",
-            # Reverse relations, which a create would otherwise list as changed.
-            "punches",
-            "employees",
-        ],
-        mask_fields=["comm_key"],
-        mask_callable="core.audit.mask_secret",
-    )
-    auditlog.register(
-        Employee, exclude_fields=["created_at", "updated_at", "days"], m2m_fields={"devices"}
-    )
 
 
 class AuditActorMiddleware(AuditlogMiddleware):
