@@ -141,6 +141,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "auditlog",
     "core",
 ]
 
@@ -150,6 +151,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # The audit log's actor and address (core.audit): after authentication.
+    "core.audit.AuditActorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -383,6 +386,51 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Raw punches from ZKTeco clocks and daily clock-in/clock-out records.",
     "VERSION": "0.1.0",
 }
+
+
+# --- Audit log (core.audit, django-auditlog) ---------------------------------------------
+
+# Before/after values stored as JSON (numbers, booleans and nulls keep their
+# type) rather than as text.
+AUDITLOG_STORE_JSON_CHANGES = True
+# The models whose saves and deletes auditlog's signals record; core.audit
+# records the set-based changes itself. A device's polling state is written
+# by polls, never by a person; its comm key shows only as set or not set.
+# Reverse relations are left out, or a create would list them as changed.
+AUDITLOG_INCLUDE_TRACKING_MODELS = (
+    {
+        "model": "core.device",
+        "exclude_fields": [
+            "serial_number",
+            "firmware",
+            "platform",
+            "device_name",
+            "user_count",
+            "user_capacity",
+            "record_count",
+            "record_capacity",
+            "clock_drift_seconds",
+            "last_poll_at",
+            "last_success_at",
+            "last_full_download_at",
+            "last_error",
+            "consecutive_failures",
+            "last_record_count",
+            "last_serial_number",
+            "created_at",
+            "updated_at",
+            "punches",
+            "employees",
+        ],
+        "mask_fields": ["comm_key"],
+        "mask_callable": "core.audit.mask_secret",
+    },
+    {
+        "model": "core.employee",
+        "exclude_fields": ["created_at", "updated_at", "days"],
+        "m2m_fields": ["devices"],
+    },
+)
 
 
 # --- Logging -------------------------------------------------------------------------

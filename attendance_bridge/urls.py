@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from core.views import ProcessedAttendanceChanges
@@ -13,4 +13,6 @@ urlpatterns = [
         ProcessedAttendanceChanges.as_view(),
         name="processed-attendance-changes",
     ),
+    # Reports and the audit log (core/api/urls_reports.py).
+    path("api/", include("core.api.urls_reports")),
 ]

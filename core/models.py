@@ -475,3 +475,14 @@ class DeliveryLog(models.Model):
     def __str__(self) -> str:
         status = self.status_code or self.error[:40] or "no answer"
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.records} records: {status}"
+
+
+class Timesheet(ProcessedAttendance):
+    """The timesheet report (core.reports) in the admin and the API: a proxy of
+    the daily records for its page and its one permission, core.view_timesheet."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "timesheet"
+        verbose_name_plural = "timesheets"
+        default_permissions = ("view",)
