@@ -597,7 +597,7 @@ def devices_log_clear_due(*, at_percent: float) -> list[int]:
 
 
 def _unstored_reason(device: Device, log) -> str:
-    """"" when every record of the device's log is stored, else what is missing.
+    """ "" when every record of the device's log is stored, else what is missing.
 
     Count and newest record: the records found stored must be as many as the
     log holds (each distinct one), and the newest must be among them. One

@@ -66,7 +66,9 @@ def _read_before(state_name: str) -> datetime.datetime | None:
     """Punches stored (or re-judged) before this moment have been read by the
     runs of the given state; None when no run has happened."""
     last_run = (
-        ProcessingState.objects.filter(name=state_name).values_list("last_run_at", flat=True).first()
+        ProcessingState.objects.filter(name=state_name)
+        .values_list("last_run_at", flat=True)
+        .first()
     )
     if last_run is None:
         return None

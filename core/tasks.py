@@ -58,7 +58,9 @@ def _follow_up(task, name: str) -> None:
     )
     if pipeline.run_request(name=name, expires=expires):
         transaction.on_commit(
-            lambda: task.apply_async(kwargs={"follow_up": True}, countdown=FOLLOW_UP_COUNTDOWN_SECONDS)
+            lambda: task.apply_async(
+                kwargs={"follow_up": True}, countdown=FOLLOW_UP_COUNTDOWN_SECONDS
+            )
         )
 
 
