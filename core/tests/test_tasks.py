@@ -123,6 +123,22 @@ def test_a_release_with_a_stale_token_leaves_the_new_holders_lease_alone(zk_emul
     assert ingest.device_lease_release(device_id=device.pk, until=current)
 
 
+def test_the_lease_is_given_back_when_a_poll_fails_unexpectedly(zk_emulator, monkeypatch):
+    # A database failure mid-poll cannot be made real here; the poll is replaced.
+    device = device_for(zk_emulator(small_state("BROKEN")))
+
+    def broken_poll(**kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(ingest, "device_poll", broken_poll)
+
+    with pytest.raises(RuntimeError):
+        tasks.poll_device(device.pk)
+
+    device.refresh_from_db()
+    assert device.poll_lease_until is None
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_concurrent_polls_of_one_device_one_polls_and_one_skips(zk_emulator):
     # Slow replies keep the first poll inside its lease while the second starts.
