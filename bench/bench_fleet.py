@@ -232,7 +232,13 @@ def cycle(devices: list[int]) -> float:
     )
 
 
+def stopped_from_outside(signum, frame):
+    # Unwind on SIGTERM too, so `finally` stops the workers (own process groups).
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, stopped_from_outside)
     # Each hanging device logs its stall with a traceback; the figures are what counts here.
     logging.getLogger("core.zk.emulator").setLevel(logging.CRITICAL)
     broker = redis.Redis.from_url(ARGS.broker)

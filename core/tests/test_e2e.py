@@ -117,6 +117,12 @@ def test_live_punches_reach_the_fake_crm_with_a_real_worker_and_beat(
                 return
             live.append(emu.push_punch(user))
 
+    def stopped_from_outside(signum, frame):
+        # CI's last-resort `timeout` sends SIGTERM: unwind, so `finally` stops
+        # the worker and beat (they run in their own process groups).
+        raise SystemExit(f"stopped by signal {signum}")
+
+    previous_handler = signal.signal(signal.SIGTERM, stopped_from_outside)
     puncher = threading.Thread(target=punch, daemon=True)
     started = time.monotonic()
     try:
@@ -164,6 +170,7 @@ def test_live_punches_reach_the_fake_crm_with_a_real_worker_and_beat(
         puncher.join(timeout=5)
         for process in processes:
             stop(process)
+        signal.signal(signal.SIGTERM, previous_handler)
     # Every punch of the device, history and live, went once.
     assert len(crm.punches()) == 12 + LIVE_PUNCHES
     assert crm.state.stats.punches_duplicated == 0

@@ -319,7 +319,11 @@ def schedule_of(**env) -> dict:
         "CELERY_BROKER_URL": "",
         "CRM_API_URL": "",
         "CRM_PUNCHES_URL": "",
+        # Empty: the defaults, whatever a developer's .env says.
         "POLL_INTERVAL_MINUTES": "",
+        "PROCESS_INTERVAL_MINUTES": "",
+        "SYNC_INTERVAL_MINUTES": "",
+        "RETRY_FAILED_SYNCS_HOURS": "",
         **env,
     }
     result = subprocess.run(
