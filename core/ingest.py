@@ -418,11 +418,7 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
     except OperationalError as exc:
         if not _database_locked(exc):
             raise
-        result.error = (
-            f"the database was locked by another process for more than {_busy_timeout()} s "
-            "(SQLITE_BUSY_TIMEOUT_SECONDS); nothing from this device was stored, the next poll "
-            "tries again"
-        )
+        result.error = _locked_error()
         result.seconds = time.monotonic() - started
         logger.warning("Poll of device %s (id %s) failed: %s", device.name, device.pk, exc)
         try:
@@ -472,6 +468,14 @@ def _busy_timeout() -> float:
     return connection.settings_dict.get("OPTIONS", {}).get("timeout", 5)
 
 
+def _locked_error() -> str:
+    return (
+        f"the database was locked by another process for more than {_busy_timeout()} s "
+        "(SQLITE_BUSY_TIMEOUT_SECONDS); nothing from this device was stored, the next poll "
+        "tries again"
+    )
+
+
 def device_record_failure(*, device: Device, error: str, at: datetime.datetime) -> None:
     Device.objects.filter(pk=device.pk).update(
         last_poll_at=at,
@@ -482,6 +486,16 @@ def device_record_failure(*, device: Device, error: str, at: datetime.datetime) 
 
 
 def _poll_guarded(device: Device, force_full: bool) -> PollResult:
+    # The scheduled polls' lease: a device a worker is polling is skipped.
+    try:
+        until = device_lease_claim(device_id=device.pk, lease=poll_lease())
+    except OperationalError as exc:
+        if not _database_locked(exc):
+            raise
+        logger.warning("Poll of device %s (id %s) failed: %s", device.name, device.pk, exc)
+        return PollResult(device_id=device.pk, device_name=device.name, error=_locked_error())
+    if until is None:
+        return PollResult(device_id=device.pk, device_name=device.name, busy=True)
     try:
         return device_poll(device=device, force_full=force_full)
     except Exception as exc:
@@ -490,6 +504,8 @@ def _poll_guarded(device: Device, force_full: bool) -> PollResult:
         error = f"internal error: {exc.__class__.__name__}: {exc}"
         device_record_failure(device=device, error=error, at=timezone.now())
         return PollResult(device_id=device.pk, device_name=device.name, error=error)
+    finally:
+        device_lease_release(device_id=device.pk, until=until)
 
 
 def _poll_in_thread(device: Device, force_full: bool) -> PollResult:
@@ -502,7 +518,10 @@ def _poll_in_thread(device: Device, force_full: bool) -> PollResult:
 def devices_poll(
     *, devices: Iterable[Device] | None = None, force_full: bool = False, workers: int = 4
 ) -> list[PollResult]:
-    """Polls several devices side by side; a slow or failing one does not hold up the rest."""
+    """Polls several devices side by side; a slow or failing one does not hold up the rest.
+
+    Each under its lease (device_lease_claim): a device a worker is polling
+    right now is skipped, its result marked `busy`."""
     devices = list(Device.objects.filter(enabled=True) if devices is None else devices)
     if not devices:
         return []
@@ -514,6 +533,12 @@ def devices_poll(
 
 
 # --- One worker per device ---------------------------------------------------------------
+
+
+def poll_lease() -> datetime.timedelta:
+    """How long a poll holds its device: longer than a task may run (its hard
+    time limit), so a lease is never taken from a poll still running."""
+    return datetime.timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 30)
 
 
 def device_lease_claim(*, device_id: int, lease: datetime.timedelta) -> datetime.datetime | None:

@@ -46,11 +46,6 @@ RETRY = {
 }
 
 
-def _device_lease() -> datetime.timedelta:
-    # A poll never outlives the task's hard time limit, so neither must its lease.
-    return datetime.timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 30)
-
-
 def _follow_up(task, name: str) -> None:
     """Queues `task` once for every request made before it starts (core.pipeline)."""
     expires = datetime.timedelta(
@@ -76,7 +71,7 @@ def poll_device(device_id: int, force_full: bool = False) -> dict | None:
     """Downloads the new punches of one device under its lease (ingest.device_poll_leased);
     skips a device another worker is polling."""
     result = ingest.device_poll_leased(
-        device_id=device_id, lease=_device_lease(), force_full=force_full
+        device_id=device_id, lease=ingest.poll_lease(), force_full=force_full
     )
     if result is None:
         return None
@@ -186,6 +181,6 @@ def clear_device_log(device_id: int) -> dict | None:
     result = ingest.device_clear_log(
         device_id=device_id,
         at_percent=settings.CLEAR_DEVICE_LOGS_AT_PERCENT,
-        lease=_device_lease(),
+        lease=ingest.poll_lease(),
     )
     return None if result is None else dataclasses.asdict(result)

@@ -6,6 +6,7 @@ commit, so django_capture_on_commit_callbacks shows and runs them. The real
 worker and beat run in test_e2e.py."""
 
 import datetime
+import io
 import json
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import threading
 import time
 
 import pytest
+from django.core.management import call_command
+from django.urls import reverse
 from django.utils import timezone
 
 from attendance_bridge.celery import app
@@ -121,6 +124,40 @@ def test_a_release_with_a_stale_token_leaves_the_new_holders_lease_alone(zk_emul
     assert not ingest.device_lease_release(device_id=device.pk, until=stale)
     assert ingest.device_lease_claim(device_id=device.pk, lease=LEASE) is None
     assert ingest.device_lease_release(device_id=device.pk, until=current)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_poll_devices_command_skips_a_device_a_worker_is_polling(zk_emulator):
+    # Committed: on PostgreSQL the command polls devices from threads of its own.
+    busy = device_for(zk_emulator(small_state("CMDBUSY", seed=1)), name="Busy door")
+    free = device_for(zk_emulator(small_state("CMDFREE", seed=2)), name="Free door")
+    ingest.device_lease_claim(device_id=busy.pk, lease=LEASE)
+    out = io.StringIO()
+
+    call_command("poll_devices", stdout=out)  # no CommandError: a skip is no failure
+
+    assert "Busy door: skipped, another worker is polling it" in out.getvalue()
+    assert "Free door: 20 new" in out.getvalue()
+    assert not RawAttendance.objects.filter(device=busy).exists()
+    free.refresh_from_db()
+    assert free.poll_lease_until is None
+
+
+def test_poll_now_in_the_admin_skips_a_device_a_worker_is_polling(admin_client, zk_emulator):
+    emu = zk_emulator(small_state("ADMBUSY"))
+    device = device_for(emu, name="Lobby")
+    ingest.device_lease_claim(device_id=device.pk, lease=LEASE)
+
+    response = admin_client.post(
+        reverse("admin:core_device_changelist"),
+        {"action": "poll_now", "_selected_action": [device.pk]},
+        follow=True,
+    )
+
+    (message,) = list(response.context["messages"])
+    assert message.level_tag == "warning"
+    assert "Lobby: skipped, another worker is polling it" in message.message
+    assert emu.enable_log == []
 
 
 def test_the_lease_is_given_back_when_a_poll_fails_unexpectedly(zk_emulator, monkeypatch):
