@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 DAY = datetime.timedelta(days=1)
 # Rows deleted per statement: a big first cleanup must not hold long locks.
+# SQLite takes at most 999 query parameters on older builds.
 DELETE_BATCH = 5000
+SQLITE_DELETE_BATCH = 900
 
 
 @dataclass
@@ -103,16 +105,26 @@ def _deletable_punches(cutoff: datetime.datetime, *, push: bool, punch_export: b
 
 
 def _delete_in_batches(queryset) -> int:
+    """Deletes what `queryset` selects, a batch of ids at a time; returns how many."""
     deleted = 0
     model = queryset.model
+    size = SQLITE_DELETE_BATCH if connection.vendor == "sqlite" else DELETE_BATCH
     while True:
-        ids = list(queryset.values_list("pk", flat=True)[:DELETE_BATCH])
+        ids = list(queryset.values_list("pk", flat=True)[:size])
         if not ids:
             return deleted
         with transaction.atomic():
-            count, _ = model.objects.filter(pk__in=ids).delete()
-        # A punch's delivery row goes with it (CASCADE); count the punches.
-        deleted += len(ids) if model is RawAttendance else count
+            if model is RawAttendance:
+                # The ORM would load every punch to cascade to its delivery
+                # row; the delivery rows go first, then one DELETE by id.
+                PunchDelivery.objects.filter(raw_id__in=ids).delete()
+                table = connection.ops.quote_name(RawAttendance._meta.db_table)
+                marks = ", ".join(["%s"] * len(ids))
+                with connection.cursor() as cursor:
+                    cursor.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids)
+            else:
+                model.objects.filter(pk__in=ids).delete()
+        deleted += len(ids)
 
 
 def records_prune(*, now: datetime.datetime | None = None) -> PruneResult:

@@ -5,6 +5,7 @@ import datetime
 import logging
 
 import pytest
+from django.db.models import F
 from django.utils import timezone
 
 from attendance_bridge.celery import app
@@ -185,6 +186,38 @@ def test_retention_days_zero_keeps_everything(retention):
     assert records_prune().summary() == "RETENTION_DAYS is 0: everything is kept"
     assert RawAttendance.objects.count() == 2
     assert ProcessedAttendance.objects.count() == 1
+
+
+def delivered_old_days(users: int, *, first: int = 2000) -> None:
+    device = DeviceFactory()
+    for index in range(users):
+        shift(f"{first + index}", old_moment(), device=device)
+    attendance_process()
+    ProcessedAttendance.objects.update(sync_state=Synced, synced_version=F("version"))
+
+
+def test_cleanup_queries_do_not_grow_with_the_rows_it_deletes(retention, django_assert_num_queries):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    delivered_old_days(5)
+    with CaptureQueriesContext(connection) as few:
+        assert records_prune().punches_deleted == 10
+    delivered_old_days(200, first=5000)
+
+    with django_assert_num_queries(len(few)):
+        assert records_prune().punches_deleted == 400
+
+
+def test_cleanup_deletes_in_batches_until_nothing_is_left(retention, monkeypatch):
+    delivered_old_days(40)
+    monkeypatch.setattr("core.retention.DELETE_BATCH", 25)
+    monkeypatch.setattr("core.retention.SQLITE_DELETE_BATCH", 25)
+
+    result = records_prune()
+
+    assert (result.punches_deleted, result.days_deleted) == (80, 40)
+    assert not RawAttendance.objects.exists() and not ProcessedAttendance.objects.exists()
 
 
 def test_a_second_cleanup_deletes_nothing_more(retention):
