@@ -264,6 +264,20 @@ def test_a_full_log_whose_records_are_all_stored_is_cleared_and_logged(zk_emulat
     assert ingest.device_poll(device=device).new == 1
 
 
+def test_a_clear_checks_the_whole_log_in_a_fixed_number_of_queries(
+    zk_emulator, django_assert_max_num_queries
+):
+    state = DeviceState.generate(users=50, punches=2000, days=30, seed=8)
+    emu = zk_emulator(state)
+    device = DeviceFactory(ip_address=emu.host, port=emu.port)
+    ingest.device_poll(device=device)
+
+    # Device, lease, the stored keys, release, counts: none per punch.
+    with django_assert_max_num_queries(6):
+        assert clear(device).cleared
+    assert emu.state.attendance == []
+
+
 def test_a_log_with_a_record_not_stored_yet_is_kept(zk_emulator):
     emu, device = emulated(zk_emulator)
     ingest.device_poll(device=device)
