@@ -52,11 +52,7 @@ def _follow_up(task, name: str) -> None:
         seconds=FOLLOW_UP_COUNTDOWN_SECONDS + settings.CELERY_TASK_TIME_LIMIT
     )
     if pipeline.run_request(name=name, expires=expires):
-        transaction.on_commit(
-            lambda: task.apply_async(
-                kwargs={"follow_up": True}, countdown=FOLLOW_UP_COUNTDOWN_SECONDS
-            )
-        )
+        transaction.on_commit(lambda: task.apply_async(countdown=FOLLOW_UP_COUNTDOWN_SECONDS))
 
 
 def _device(device_id: int) -> Device | None:
@@ -116,7 +112,7 @@ def sync_device_time(device_id: int) -> dict | None:
 
 
 @shared_task(**RETRY)
-def process_attendance(follow_up: bool = False) -> dict:
+def process_attendance() -> dict:
     """Builds daily records from the punches stored since the last run; a run
     that changed days asks for delivery when push is on."""
     pipeline.run_started(name=pipeline.PROCESS)
@@ -128,7 +124,7 @@ def process_attendance(follow_up: bool = False) -> dict:
 
 
 @shared_task(**RETRY)
-def sync_to_crm(ids: list[int] | None = None, follow_up: bool = False) -> dict:
+def sync_to_crm(ids: list[int] | None = None) -> dict:
     """Pushes due daily records to the CRM, at most SYNC_RUN_LIMIT; with ids,
     makes those rows due first (a resend)."""
     pipeline.run_started(name=pipeline.CRM_SYNC)
@@ -141,7 +137,7 @@ def sync_to_crm(ids: list[int] | None = None, follow_up: bool = False) -> dict:
 
 
 @shared_task(**RETRY)
-def sync_punches_to_crm(follow_up: bool = False) -> dict:
+def sync_punches_to_crm() -> dict:
     """Exports the raw punches not delivered yet to CRM_PUNCHES_URL, at most SYNC_RUN_LIMIT."""
     pipeline.run_started(name=pipeline.CRM_PUNCH_SYNC)
     result = crm.crm_punch_sync(limit=SYNC_RUN_LIMIT)

@@ -247,7 +247,7 @@ def test_a_poll_after_the_run_started_queues_another_run(
     device = device_for(emu)
     with django_capture_on_commit_callbacks(execute=False) as first_callbacks:
         tasks.poll_device(device.pk)
-    tasks.process_attendance(follow_up=True)  # the queued run starts: request cleared
+    tasks.process_attendance()  # the queued run starts: request cleared
     emu.push_punch("1001")
 
     with django_capture_on_commit_callbacks(execute=False) as second_callbacks:
