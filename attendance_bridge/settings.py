@@ -17,6 +17,7 @@ import dj_database_url
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
+from kombu import Exchange, Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env")
@@ -260,7 +261,10 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # Nothing reads task results; the stages record their outcome in the database.
 CELERY_TASK_IGNORE_RESULT = True
 # One queue per kind of work, so a slow CRM or a long processing run never
-# holds polls back; start_worker.sh consumes all three unless told otherwise.
+# holds polls back. A worker started without --queues consumes all three.
+CELERY_TASK_QUEUES = [
+    Queue(name, Exchange(name), routing_key=name) for name in ("devices", "processing", "crm")
+]
 CELERY_TASK_DEFAULT_QUEUE = "processing"
 CELERY_TASK_ROUTES = {
     "core.tasks.poll_device": {"queue": "devices"},

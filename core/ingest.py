@@ -58,7 +58,7 @@ class PollResult:
     # The poll succeeded but the operator should look: e.g. user names that are
     # not valid in the device's encoding.
     warnings: list[str] = field(default_factory=list)
-    # Another worker held the device (device_lease): this poll did nothing.
+    # Another worker held the device (device_lease_claim): this poll did nothing.
     busy: bool = False
 
     def summary(self) -> str:
