@@ -399,6 +399,30 @@ def test_the_default_poll_interval_is_fifteen_minutes_and_delivery_is_scheduled_
 
 
 @pytest.mark.parametrize(
+    ("task", "queue"),
+    [
+        (tasks.poll_device, "devices"),
+        (tasks.poll_all_devices, "devices"),
+        (tasks.clear_device_log, "devices"),
+        (tasks.process_attendance, "processing"),
+        (tasks.daily_cleanup, "processing"),
+        (tasks.sync_to_crm, "crm"),
+        (tasks.sync_punches_to_crm, "crm"),
+    ],
+)
+def test_each_task_goes_to_its_own_queue_and_only_there(task, queue):
+    route = app.amqp.router.route({}, task.name)
+
+    assert route["queue"].name == queue
+    # Its own exchange and key: a message published for one queue lands in no other.
+    assert (route["queue"].exchange.name, route["queue"].routing_key) == (queue, queue)
+
+
+def test_a_worker_without_queue_options_consumes_every_queue():
+    assert set(app.amqp.queues) == {"devices", "processing", "crm"}
+
+
+@pytest.mark.parametrize(
     ("env", "message"),
     [
         (
