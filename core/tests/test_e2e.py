@@ -1,4 +1,4 @@
-"""End to end with a real Celery worker and beat on Redis and PostgreSQL: an
+"""End to end with two real Celery workers and beat on Redis and PostgreSQL: an
 emulated device where people punch, the fake CRM, and nobody touching
 anything. Beat's poll finds the punches; the chain (poll → process → deliver)
 takes them to the CRM as raw punches and as daily records.
@@ -105,7 +105,8 @@ def test_live_punches_reach_the_fake_crm_with_a_real_worker_and_beat(
         "CRM_SYNC_FROM": "",
         "LOG_LEVEL": "INFO",
     }
-    worker_log, beat_log = tmp_path / "worker.log", tmp_path / "beat.log"
+    worker_logs = [tmp_path / "worker1.log", tmp_path / "worker2.log"]
+    beat_log = tmp_path / "beat.log"
     processes = []
     stop_punching = threading.Event()
     live = []
@@ -123,26 +124,32 @@ def test_live_punches_reach_the_fake_crm_with_a_real_worker_and_beat(
         raise SystemExit(f"stopped by signal {signum}")
 
     previous_handler = signal.signal(signal.SIGTERM, stopped_from_outside)
+
+    def logs() -> str:
+        return "\n".join(tail(path) for path in [*worker_logs, beat_log])
+
     puncher = threading.Thread(target=punch, daemon=True)
     started = time.monotonic()
     try:
-        processes.append(
-            start(
-                [
-                    "worker",
-                    "--queues",
-                    "devices,processing,crm",
-                    "--concurrency",
-                    "2",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--loglevel",
-                    "INFO",
-                ],
-                env,
-                worker_log,
+        # Two workers, as on two machines: they share only Redis and PostgreSQL.
+        for index, log in enumerate(worker_logs, start=1):
+            processes.append(
+                start(
+                    [
+                        "worker",
+                        "--hostname",
+                        f"e2e{index}@%h",
+                        "--concurrency",
+                        "1",
+                        "--without-gossip",
+                        "--without-mingle",
+                        "--loglevel",
+                        "INFO",
+                    ],
+                    env,
+                    log,
+                )
             )
-        )
         processes.append(
             start(["beat", "--schedule", str(tmp_path / "beat-schedule")], env, beat_log)
         )
@@ -150,9 +157,7 @@ def test_live_punches_reach_the_fake_crm_with_a_real_worker_and_beat(
         arrived = False
         while time.monotonic() - started < TIMEOUT:
             for process in processes:
-                assert process.poll() is None, (
-                    "a Celery process died\n" + tail(worker_log) + ("\n" + tail(beat_log))
-                )
+                assert process.poll() is None, "a Celery process died\n" + logs()
             if len(live) == LIVE_PUNCHES and _all_arrived(crm, device, live):
                 arrived = True
                 break
@@ -160,10 +165,7 @@ def test_live_punches_reach_the_fake_crm_with_a_real_worker_and_beat(
         elapsed = time.monotonic() - started
         assert arrived, (
             f"after {elapsed:.0f} s the fake CRM holds {len(crm.punches())} punches and "
-            f"{len(crm.held())} daily records, not yet every live punch\n"
-            + tail(worker_log)
-            + "\n"
-            + tail(beat_log)
+            f"{len(crm.held())} daily records, not yet every live punch\n" + logs()
         )
     finally:
         stop_punching.set()
