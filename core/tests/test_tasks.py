@@ -308,6 +308,47 @@ def test_new_punches_go_to_the_punch_export_at_once_when_it_is_on(
     assert len(crm.punches()) == 20
 
 
+def test_failed_days_whose_retry_time_came_are_made_due_and_a_delivery_is_queued(
+    crm_on, django_capture_on_commit_callbacks
+):
+    failed = ProcessedAttendance.SyncState.FAILED
+    day = ProcessedAttendance.objects.create(
+        user_id="1001",
+        work_date=datetime.date(2026, 11, 2),
+        sync_state=failed,
+        next_sync_at=timezone.now() - datetime.timedelta(minutes=1),
+    )
+    ProcessedAttendance.objects.create(
+        user_id="1002",
+        work_date=datetime.date(2026, 11, 2),
+        sync_state=failed,
+        next_sync_at=timezone.now() + datetime.timedelta(hours=1),
+    )
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        assert tasks.retry_failed_syncs() == 1
+
+    day.refresh_from_db()
+    assert day.sync_state == ProcessedAttendance.SyncState.PENDING
+    assert len(callbacks) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delivery_run_that_reaches_its_limit_queues_the_next(
+    crm_on, eager, monkeypatch, django_capture_on_commit_callbacks
+):
+    for user in ("1001", "1002", "1003"):
+        ProcessedAttendance.objects.create(user_id=user, work_date=datetime.date(2026, 11, 2))
+    monkeypatch.setattr(tasks, "SYNC_RUN_LIMIT", 1)
+
+    tasks.sync_to_crm()  # eager: each run queues the next until none is left
+
+    assert len(crm_on.held()) == 3
+    assert not ProcessedAttendance.objects.exclude(
+        sync_state=ProcessedAttendance.SyncState.SYNCED
+    ).exists()
+
+
 def test_run_request_is_granted_once_until_the_run_starts_or_expires():
     assert pipeline.run_request(name="x", expires=LEASE)
     assert not pipeline.run_request(name="x", expires=LEASE)
