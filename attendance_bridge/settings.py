@@ -14,8 +14,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
+from kombu import Exchange, Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env")
@@ -231,16 +233,53 @@ if not CELERY_BROKER_URL:
         "processed_folder": str(_broker_dir / "processed"),
         "store_processed": False,
     }
+else:
+    # How long Redis waits for an unacknowledged task before giving it to
+    # another worker. Far above the hard time limit (checked below), so a
+    # task that is still running is never handed out twice.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER", False)
 # A task is acknowledged only after it ran, so a worker killed mid-task leaves
 # it on the queue; every task is idempotent, so running one twice is harmless.
 CELERY_TASK_ACKS_LATE = True
-# One task at a time per worker process: polls and deliveries are long-ish I/O.
+# ... and that includes a worker process killed by the system (out of memory):
+# its task goes back to the queue instead of being acknowledged as failed.
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# A worker that loses the broker stops its acknowledged-late tasks, which the
+# broker hands out again; otherwise they would run twice at the same time.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# One task at a time per worker process: polls and deliveries are long-ish I/O,
+# and a prefetched task would wait behind a slow one while other workers idle.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# A hung device or CRM must not hold a worker forever.
+# A hung device or CRM must not hold a worker forever. Both limits stay far
+# below the broker's visibility timeout and below LATE_COMMIT_MARGIN (checked
+# in the schedule section): a poll's write-to-commit cannot outlast its task.
 CELERY_TASK_SOFT_TIME_LIMIT = envint("CELERY_TASK_SOFT_TIME_LIMIT", 300, minimum=1)
 CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 60
-CELERY_TIMEZONE = "UTC"
+# JSON only: task arguments are ids and small values, and a worker never
+# unpickles what another process put on the broker.
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+# Nothing reads task results; the stages record their outcome in the database.
+CELERY_TASK_IGNORE_RESULT = True
+# One queue per kind of work, so a slow CRM or a long processing run never
+# holds polls back. A worker started without --queues consumes all three.
+CELERY_TASK_QUEUES = [
+    Queue(name, Exchange(name), routing_key=name) for name in ("devices", "processing", "crm")
+]
+CELERY_TASK_DEFAULT_QUEUE = "processing"
+CELERY_TASK_ROUTES = {
+    "core.tasks.poll_device": {"queue": "devices"},
+    "core.tasks.poll_all_devices": {"queue": "devices"},
+    "core.tasks.test_device": {"queue": "devices"},
+    "core.tasks.sync_device_time": {"queue": "devices"},
+    "core.tasks.clear_device_log": {"queue": "devices"},
+    "core.tasks.sync_to_crm": {"queue": "crm"},
+    "core.tasks.sync_punches_to_crm": {"queue": "crm"},
+    "core.tasks.retry_failed_syncs": {"queue": "crm"},
+}
 
 
 # --- Devices and ingest --------------------------------------------------------------
@@ -249,8 +288,6 @@ CELERY_TIMEZONE = "UTC"
 DEVICE_DEFAULT_TIMEZONE = envzone("DEVICE_DEFAULT_TIMEZONE", "UTC")
 # Seconds a device may take to answer before the poll gives up on it.
 DEVICE_TIMEOUT_SECONDS = envint("DEVICE_TIMEOUT_SECONDS", 30, minimum=1)
-# Minutes between scheduled polls of every enabled device.
-POLL_INTERVAL_MINUTES = envint("POLL_INTERVAL_MINUTES", 5, minimum=1)
 # A full download is forced this often even when the record count is unchanged,
 # because a device can be cleared and refilled to the same count.
 FULL_POLL_HOURS = envint("FULL_POLL_HOURS", 24, minimum=1)
@@ -365,6 +402,79 @@ if DEVICE_LOG_FULL_ALERT_PERCENT > 100:
     raise ImproperlyConfigured(
         f"DEVICE_LOG_FULL_ALERT_PERCENT must be at most 100, got {DEVICE_LOG_FULL_ALERT_PERCENT}"
     )
+
+# --- Schedule (Celery beat) ------------------------------------------------------------
+# Intervals in minutes; fractions are allowed (0.25 is 15 s, for tests).
+
+# Every enabled device is polled this often, each by its own task.
+POLL_INTERVAL_MINUTES = envfloat("POLL_INTERVAL_MINUTES", 15, minimum=0.05)
+# Processing also runs this often; a poll that stored punches starts a run at once.
+PROCESS_INTERVAL_MINUTES = envfloat("PROCESS_INTERVAL_MINUTES", 60, minimum=0.05)
+# Delivery (CRM_API_URL, CRM_PUNCHES_URL) also runs this often; a processing
+# run that changed days, or a poll with new punches, starts one at once.
+SYNC_INTERVAL_MINUTES = envfloat("SYNC_INTERVAL_MINUTES", 30, minimum=0.05)
+# When daily_cleanup runs (retention, device logs), in DEVICE_DEFAULT_TIMEZONE.
+DAILY_CLEANUP_AT = envtime("DAILY_CLEANUP_AT", "02:00")
+# Raw punches and daily records older than this many days are deleted once
+# delivered (core.retention); 0 keeps everything.
+RETENTION_DAYS = envint("RETENTION_DAYS", 0, minimum=0)
+# Clear a device's attendance log at daily_cleanup once every record on it is
+# verified stored and the log is fuller than CLEAR_DEVICE_LOGS_AT_PERCENT.
+CLEAR_DEVICE_LOGS = envbool("CLEAR_DEVICE_LOGS", False)
+CLEAR_DEVICE_LOGS_AT_PERCENT = envfloat("CLEAR_DEVICE_LOGS_AT_PERCENT", 80, minimum=0)
+if CLEAR_DEVICE_LOGS_AT_PERCENT >= 100:
+    raise ImproperlyConfigured(
+        f"CLEAR_DEVICE_LOGS_AT_PERCENT must be below 100, got {CLEAR_DEVICE_LOGS_AT_PERCENT:g}"
+    )
+
+if CELERY_TASK_TIME_LIMIT >= LATE_COMMIT_MARGIN.total_seconds():
+    raise ImproperlyConfigured(
+        f"CELERY_TASK_SOFT_TIME_LIMIT + 60 s ({CELERY_TASK_TIME_LIMIT} s) must be below "
+        f"LATE_COMMIT_MARGIN ({LATE_COMMIT_MARGIN.total_seconds():g} s): processing relies on a "
+        "poll committing within the margin. Lower the one or raise the other."
+    )
+if CELERY_TASK_TIME_LIMIT * 4 > 3600:
+    raise ImproperlyConfigured(
+        f"CELERY_TASK_SOFT_TIME_LIMIT is {CELERY_TASK_SOFT_TIME_LIMIT} s; at most 840 s keeps "
+        "tasks far below the broker's visibility timeout (3600 s)."
+    )
+
+# Crontab entries (DAILY_CLEANUP_AT) are read in the company's zone; task
+# times on the broker stay UTC.
+CELERY_TIMEZONE = DEVICE_DEFAULT_TIMEZONE
+
+
+def _every(minutes: float) -> dict:
+    # A periodic message older than its interval is dropped: the next one is due.
+    return {"schedule": minutes * 60, "options": {"expires": minutes * 60}}
+
+
+CELERY_BEAT_SCHEDULE = {
+    "poll-all-devices": {"task": "core.tasks.poll_all_devices", **_every(POLL_INTERVAL_MINUTES)},
+    "process-attendance": {
+        "task": "core.tasks.process_attendance",
+        **_every(PROCESS_INTERVAL_MINUTES),
+    },
+    "retry-failed-syncs": {
+        "task": "core.tasks.retry_failed_syncs",
+        **_every(RETRY_FAILED_SYNCS_HOURS * 60),
+    },
+    "daily-cleanup": {
+        "task": "core.tasks.daily_cleanup",
+        "schedule": crontab(hour=DAILY_CLEANUP_AT.hour, minute=DAILY_CLEANUP_AT.minute),
+        "options": {"expires": 3600},
+    },
+}
+if CRM_API_URL:
+    CELERY_BEAT_SCHEDULE["sync-to-crm"] = {
+        "task": "core.tasks.sync_to_crm",
+        **_every(SYNC_INTERVAL_MINUTES),
+    }
+if CRM_PUNCHES_URL:
+    CELERY_BEAT_SCHEDULE["sync-punches-to-crm"] = {
+        "task": "core.tasks.sync_punches_to_crm",
+        **_every(SYNC_INTERVAL_MINUTES),
+    }
 
 
 # --- REST API ------------------------------------------------------------------------

@@ -236,7 +236,9 @@ class DeviceAdmin(admin.ModelAdmin):
     @admin.action(description="Poll now", permissions=["poll_device"])
     def poll_now(self, request, queryset):
         for result in devices_poll(devices=queryset):
-            if not result.ok:
+            if result.busy:
+                level = messages.WARNING
+            elif not result.ok:
                 level = messages.ERROR
             else:
                 level = messages.WARNING if result.warnings else messages.SUCCESS

@@ -110,6 +110,11 @@ class Device(models.Model):
     last_serial_number = models.CharField(
         max_length=64, blank=True, help_text="Serial number seen at the last successful download."
     )
+    # Who may talk to the device right now (core.ingest.device_lease): a poll
+    # or a log clear holds it until this moment. Workers on several machines
+    # claim it with one conditional UPDATE, so two never read one device at
+    # once; a worker that dies leaves it to expire.
+    poll_lease_until = models.DateTimeField(null=True, blank=True, editable=False)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -486,3 +491,16 @@ class Timesheet(ProcessedAttendance):
         verbose_name = "timesheet"
         verbose_name_plural = "timesheets"
         default_permissions = ("view",)
+
+
+class RunRequest(models.Model):
+    """A follow-up run asked for and not started yet (core.pipeline): at most
+    one queued run per name, however many polls ask, across every worker."""
+
+    name = models.CharField(max_length=50, unique=True)
+    # Set when a run is queued, cleared when it starts; a run queued but lost
+    # (a broker flushed) stops blocking new requests at this moment.
+    queued_until = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.name

@@ -583,6 +583,45 @@ class DeviceClient:
             raise DeviceError(f"the log of {self.address} was read, but {problem}")
         return log
 
+    def clear_log_if(self, check: Callable[[DeviceLog], str]) -> tuple[DeviceLog, str]:
+        """Reads the log as read_log does and clears it only if `check` allows.
+
+        The device stays disabled from the read to the clear, so nobody punches
+        in between (a disabled clock takes no punch; the person punches again
+        once it is enabled). `check` gets the log and returns "" to clear it,
+        else why not. Before clearing, the record count is read again: firmware
+        that records while disabled and took a punch during the check keeps its
+        log. Returns the log and "" when it was cleared, else the reason.
+
+        Raises DeviceError subclasses; the device is enabled again whatever happens.
+        """
+        zk = self._connected()
+        try:
+            with self._errors("disabling the device for the read"):
+                zk.disable_device()
+            log = self._read_disabled()
+            reason = check(log)
+            if not reason:
+                now = self.read_sizes().records
+                if now != log.sizes.records:
+                    reason = (
+                        f"the device recorded {now - log.sizes.records} punches while it was "
+                        "being checked (it records while disabled); the log is kept"
+                    )
+                else:
+                    with self._errors("clearing the attendance log"):
+                        zk.clear_attendance()
+        except BaseException as exc:
+            problem = self._enable_after(exc)
+            if problem and isinstance(exc, DeviceError):
+                raise type(exc)(f"{exc}. Also, {problem}") from exc
+            raise
+        problem = self._enable_after(None)
+        if problem:
+            done = "cleared" if not reason else "read"
+            raise DeviceError(f"the log of {self.address} was {done}, but {problem}")
+        return log, reason
+
     def _read_disabled(self) -> DeviceLog:
         first = self.read_sizes()
         users_buffer = attendance_buffer = b""

@@ -40,7 +40,9 @@ class Command(BaseCommand):
         results = devices_poll(devices=selected, force_full=full)
         for result in results:
             style = self.style.SUCCESS if result.ok else self.style.ERROR
+            if result.busy:
+                style = self.style.WARNING
             self.stdout.write(style(result.summary()))
-        failed = [r for r in results if not r.ok]
+        failed = [r for r in results if not r.ok and not r.busy]
         if failed:
             raise CommandError(f"{len(failed)} of {len(results)} device(s) failed.")
