@@ -30,6 +30,7 @@ from django.db import OperationalError, ProgrammingError, connection, connection
 from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
+from core.audit import AuditEntry, audit_record
 from core.models import Device, Employee, RawAttendance
 from core.zk.client import DeviceClient, DeviceError, DeviceSizes, DeviceUser, Punch
 
@@ -651,8 +652,14 @@ def _unstored_reason(device: Device, log) -> str:
 
 
 def _record_device_clear(*, device: Device, records: int, fill_percent: float | None) -> None:
-    """The one place a device log clear is recorded: the application log, and
-    the audit log entry for the clear belongs here too."""
+    """The one place a device log clear is recorded: the application log and
+    the audit log (no actor: the daily cleanup clears, not a person)."""
+    audit_record(
+        actor=None,
+        action="device_clear_log",
+        model=Device,
+        entries=[AuditEntry.of(device, {"record_count": [records, 0]}, fill_percent=fill_percent)],
+    )
     logger.warning(
         "Cleared the attendance log of device %s (id %s): %s records, all verified stored; "
         "the log was %s%% full",

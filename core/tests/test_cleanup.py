@@ -5,6 +5,7 @@ import datetime
 import logging
 
 import pytest
+from auditlog.models import LogEntry
 from django.db.models import F
 from django.utils import timezone
 
@@ -257,6 +258,12 @@ def test_a_full_log_whose_records_are_all_stored_is_cleared_and_logged(zk_emulat
     assert emu.enabled  # enabled again after the clear
     assert RawAttendance.objects.filter(device=device).count() == 300
     assert "Cleared the attendance log of device" in caplog.text
+    entry = LogEntry.objects.get(additional_data__action="device_clear_log")
+    assert (entry.object_pk, entry.actor, entry.changes) == (
+        str(device.pk),
+        None,
+        {"record_count": [300, 0]},
+    )
     device.refresh_from_db()
     assert (device.record_count, device.last_record_count, device.poll_lease_until) == (0, 0, None)
     # The next punch is the only thing the next poll stores.
