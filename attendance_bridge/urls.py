@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from core import ops_views
 from core.views import ProcessedAttendanceChanges
 
 urlpatterns = [
@@ -13,4 +14,7 @@ urlpatterns = [
         ProcessedAttendanceChanges.as_view(),
         name="processed-attendance-changes",
     ),
+    # Operations (docs/operations.md): open health check, token-protected metrics.
+    path("health/", ops_views.health, name="health"),
+    path("metrics", ops_views.metrics, name="metrics"),
 ]

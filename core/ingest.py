@@ -30,6 +30,7 @@ from django.db import OperationalError, ProgrammingError, connection, connection
 from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
+from core import metrics
 from core.models import Device, Employee, RawAttendance
 from core.zk.client import DeviceClient, DeviceError, DeviceSizes, DeviceUser, Punch
 
@@ -58,6 +59,11 @@ class PollResult:
     # The poll succeeded but the operator should look: e.g. user names that are
     # not valid in the device's encoding.
     warnings: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """The summary on one line, warnings counted (each has its own log line)."""
+        text = self.summary().split("\n", 1)[0]
+        return text + (f"; {len(self.warnings)} warning(s)" if self.warnings else "")
 
     def summary(self) -> str:
         if not self.ok:
@@ -405,12 +411,20 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
                     last_serial_number=identity["serial_number"],
                 )
                 Device.objects.filter(pk=device.pk).update(**facts)
+                metrics.counter_add(
+                    counts=[
+                        (metrics.POLLS, device.pk, "downloaded", 1),
+                        (metrics.PUNCHES_STORED, device.pk, "", counts.new),
+                    ]
+                )
             result.new, result.revised = counts.new, counts.revised
             result.downloaded = len(rows)
             result.duplicates = len(rows) - result.new
         else:
             result.quick = True
-            Device.objects.filter(pk=device.pk).update(**facts)
+            with transaction.atomic():
+                Device.objects.filter(pk=device.pk).update(**facts)
+                metrics.counter_add(counts=[(metrics.POLLS, device.pk, "unchanged", 1)])
     except OperationalError as exc:
         if not _database_locked(exc):
             raise
@@ -432,6 +446,7 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
         logger.warning("Poll of device %s (id %s): %s", device.name, device.pk, warning)
     result.ok = True
     result.seconds = time.monotonic() - started
+    logger.info("Poll of device %s (id %s): %s", device.name, device.pk, result.line())
     return result
 
 
@@ -469,11 +484,13 @@ def _busy_timeout() -> float:
 
 
 def device_record_failure(*, device: Device, error: str, at: datetime.datetime) -> None:
-    Device.objects.filter(pk=device.pk).update(
-        last_poll_at=at,
-        last_error=error,
-        consecutive_failures=F("consecutive_failures") + 1,
-    )
+    with transaction.atomic():
+        Device.objects.filter(pk=device.pk).update(
+            last_poll_at=at,
+            last_error=error,
+            consecutive_failures=F("consecutive_failures") + 1,
+        )
+        metrics.counter_add(counts=[(metrics.POLLS, device.pk, "failed", 1)])
     device.refresh_from_db(fields=["last_poll_at", "last_error", "consecutive_failures"])
 
 

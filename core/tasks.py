@@ -11,7 +11,7 @@ import logging
 
 from celery import shared_task
 
-from core import crm, ingest
+from core import crm, health, ingest
 from core.models import Device
 from core.processing import attendance_process
 
@@ -77,3 +77,13 @@ def sync_to_crm(ids: list[int] | None = None) -> dict:
     if ids:
         crm.crm_resend(ids=ids)
     return dataclasses.asdict(crm.crm_sync())
+
+
+# --- Operations: the heartbeat ------------------------------------------------------
+
+
+@shared_task(name="core.tasks.heartbeat")
+def heartbeat() -> str:
+    """Records that beat queued this and a worker ran it (core.health); /health/ reads it."""
+    health.heartbeat_record()
+    return "ok"
