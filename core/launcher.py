@@ -92,8 +92,16 @@ class Launcher:
 
     # -- starting ----------------------------------------------------------------------
 
-    def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> Child:
-        """Starts `argv` in its own process group with `env` added to ours."""
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        stop_signal: int = signal.SIGTERM,
+    ) -> Child:
+        """Starts `argv` in its own process group with `env` added to ours;
+        `stop_signal` is what asks it to stop."""
         self._width = max(self._width, len(name))
         environment = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         try:
