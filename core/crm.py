@@ -1148,6 +1148,8 @@ def _run(
             + model.objects.exclude(delivery_key="").count()
         )
     total = budget
+    if progress is not None:
+        progress(0, total)
     # Batches a dead run left are taken first, once per run: they appear
     # only when a run dies, and looking for them costs a query.
     looking_for_stale = True

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
@@ -322,7 +322,13 @@ def employees_store(*, device: Device, users: Iterable[DeviceUser]) -> int:
 # --- Polling ---------------------------------------------------------------------------
 
 
-def client_for(device: Device) -> DeviceClient:
+# What a poll reports as it goes, for a progress display: ("records", count on
+# the device) before a download, ("bytes", size of a chunk) during it,
+# ("storing", punches downloaded) after it.
+PollProgress = Callable[[str, int], None]
+
+
+def client_for(device: Device, *, on_bytes: Callable[[int], None] | None = None) -> DeviceClient:
     return DeviceClient(
         host=device.ip_address,
         port=device.port,
@@ -330,6 +336,7 @@ def client_for(device: Device) -> DeviceClient:
         comm_key=device.comm_key,
         timeout=device.timeout_seconds,
         encoding=device.encoding,
+        on_bytes=on_bytes,
     )
 
 
@@ -343,7 +350,9 @@ def _needs_download(
     return device.last_serial_number != serial or device.last_record_count != sizes.records
 
 
-def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
+def device_poll(
+    *, device: Device, force_full: bool = False, progress: PollProgress | None = None
+) -> PollResult:
     """Polls one device and stores its new punches.
 
     Idempotent: a punch already stored is not stored again, only judged again
@@ -351,14 +360,17 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
     unchanged since the last download is not downloaded again (until
     FULL_POLL_HOURS have passed or `force_full`).
     Never raises for a device problem: the failure is recorded on the device
-    (last_error, consecutive_failures) and returned in the result.
+    (last_error, consecutive_failures) and returned in the result. Each poll
+    writes one log line and adds to the poll totals of /metrics (core.metrics);
+    `progress`, when given, is told how the download goes (PollProgress).
     """
     started = time.monotonic()
     result = PollResult(device_id=device.pk, device_name=device.name)
     now = timezone.now()
     zone = device.zone
     try:
-        with client_for(device) as client:
+        on_bytes = (lambda size: progress("bytes", size)) if progress else None
+        with client_for(device, on_bytes=on_bytes) as client:
             sizes = client.read_sizes()
             identity = client.read_identity()
             device_now = client.get_time()
@@ -368,6 +380,8 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
             users: list[DeviceUser] = []
             punches: list[Punch] = []
             if download:
+                if progress:
+                    progress("records", sizes.records)
                 # Disabled for the read: counts and log from one quiet moment.
                 log = client.read_log()
                 sizes, users, punches = log.sizes, log.users, log.punches
@@ -398,6 +412,8 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
         logger.warning("Device %s (id %s): %s", device.name, device.pk, warning)
     try:
         if download:
+            if progress:
+                progress("storing", len(punches))
             rows, result.suspect = _rows(punches, zone=zone, latest=latest_plausible(zone, now=now))
             with transaction.atomic():
                 # Stamped as the rows are written, so processing's late-commit
@@ -494,9 +510,12 @@ def device_record_failure(*, device: Device, error: str, at: datetime.datetime) 
     device.refresh_from_db(fields=["last_poll_at", "last_error", "consecutive_failures"])
 
 
-def _poll_guarded(device: Device, force_full: bool) -> PollResult:
+def _poll_guarded(
+    device: Device, force_full: bool, progress: Callable[[Device, str, int], None] | None = None
+) -> PollResult:
+    report = (lambda event, amount: progress(device, event, amount)) if progress else None
     try:
-        return device_poll(device=device, force_full=force_full)
+        return device_poll(device=device, force_full=force_full, progress=report)
     except Exception as exc:
         # A bug must not stop the other devices' polls; it is logged with the id.
         logger.exception("Unexpected error polling device %s (id %s)", device.name, device.pk)
@@ -505,25 +524,35 @@ def _poll_guarded(device: Device, force_full: bool) -> PollResult:
         return PollResult(device_id=device.pk, device_name=device.name, error=error)
 
 
-def _poll_in_thread(device: Device, force_full: bool) -> PollResult:
+def _poll_in_thread(
+    device: Device, force_full: bool, progress: Callable[[Device, str, int], None] | None
+) -> PollResult:
     try:
-        return _poll_guarded(device, force_full)
+        return _poll_guarded(device, force_full, progress)
     finally:
         connections.close_all()
 
 
 def devices_poll(
-    *, devices: Iterable[Device] | None = None, force_full: bool = False, workers: int = 4
+    *,
+    devices: Iterable[Device] | None = None,
+    force_full: bool = False,
+    workers: int = 4,
+    progress: Callable[[Device, str, int], None] | None = None,
 ) -> list[PollResult]:
-    """Polls several devices side by side; a slow or failing one does not hold up the rest."""
+    """Polls several devices side by side; a slow or failing one does not hold up the rest.
+
+    Idempotent as device_poll is; never raises for a device problem. `progress`
+    is told each device's PollProgress events, possibly from several threads.
+    """
     devices = list(Device.objects.filter(enabled=True) if devices is None else devices)
     if not devices:
         return []
     if len(devices) == 1 or workers <= 1 or connection.vendor == "sqlite":
         # SQLite allows one writer at a time; threads would only queue on its lock.
-        return [_poll_guarded(device, force_full) for device in devices]
+        return [_poll_guarded(device, force_full, progress) for device in devices]
     with ThreadPoolExecutor(max_workers=min(workers, len(devices))) as pool:
-        return list(pool.map(lambda d: _poll_in_thread(d, force_full), devices))
+        return list(pool.map(lambda d: _poll_in_thread(d, force_full, progress), devices))
 
 
 def device_sync_time(*, device: Device) -> datetime.datetime:

@@ -97,6 +97,8 @@ def _recompute(
     whole = [g for g in groups if g.since is None]
     recent = groups[len(whole) :]
     size = USER_BATCH_INCREMENTAL if connection.vendor == "postgresql" else USER_BATCH
+    if progress is not None:
+        progress(0, len(groups))
     for part, batch_size in ((whole, USER_BATCH), (recent, size)):
         for start in range(0, len(part), batch_size):
             batch = part[start : start + batch_size]

@@ -151,7 +151,8 @@ class Command(BaseCommand):
             f"  Password: {setup.password}",
             f'  Device:   "{setup.device.name}", an emulated clock at {device_host}:{device_port}; '
             f"someone punches every {every:g} s",
-            f"  CRM:      a fake CRM; what it received: {base}/records, {base}/punches, {base}/stats",
+            f"  CRM:      a fake CRM; what it received: curl -H 'Authorization: Token {token}' "
+            f"{base}/stats (or /records, /punches)",
             "  Polls, processing and delivery run every minute: punches show in the admin "
             "(Raw punches) and at the fake CRM within two minutes.",
         ]
