@@ -7,5 +7,4 @@
 #   PORT=8001 ./start.sh  another port (HOST, PORT as for start_server.sh)
 . "$(dirname "$0")/scripts/bootstrap.sh"
 
-python manage.py migrate --noinput
 exec python manage.py launch "$@"

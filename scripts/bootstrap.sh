@@ -27,8 +27,13 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 
+# True when a stamp file exists and no requirements file changed after it.
+installed() {
+    [ -f "$1" ] && [ -z "$(find requirements*.txt -newer "$1" 2>/dev/null)" ]
+}
 stamp=".venv/.installed-$(basename "$REQUIREMENTS")"
-if [ ! -f "$stamp" ] || [ -n "$(find requirements*.txt -newer "$stamp" 2>/dev/null)" ]; then
+# The test requirements include the runtime ones: having those is enough.
+if ! installed "$stamp" && ! installed .venv/.installed-requirements-dev.txt; then
     echo "Installing $REQUIREMENTS into .venv"
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -r "$REQUIREMENTS"

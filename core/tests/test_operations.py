@@ -101,9 +101,7 @@ def test_a_device_never_polled_is_overdue_only_once_the_time_has_passed_since_it
     assert client.get("/health/").json()["failing"] == ["devices"]
 
 
-def test_health_is_503_when_the_broker_cannot_be_reached_and_hides_its_password(
-    client, healthy
-):
+def test_health_is_503_when_the_broker_cannot_be_reached_and_hides_its_password(client, healthy):
     healthy.CELERY_BROKER_URL = f"redis://:hunter2@127.0.0.1:{free_port()}/2"
     healthy.CELERY_BROKER_TRANSPORT_OPTIONS = {}
     response = client.get("/health/")
@@ -415,4 +413,3 @@ def test_demo_prepare_registers_the_clock_and_an_admin_and_a_second_run_updates_
     assert user.is_superuser and user.is_staff
     assert first.password != second.password
     assert user.check_password(second.password) and not user.check_password(first.password)
-

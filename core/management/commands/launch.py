@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 
 from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from core.demo import demo_prepare
@@ -56,6 +57,9 @@ class Command(BaseCommand):
         port = port if port is not None else int(os.environ.get("PORT") or 8000)
         if punch_every <= 0:
             raise CommandError("--punch-every must be a positive number of seconds.")
+        # Before anything starts: the demo writes rows, and the worker and beat
+        # wait for the migrations.
+        call_command("migrate", interactive=False, verbosity=1)
         launcher = Launcher(out=sys.stdout)
         with launcher.handling_signals():
             try:
