@@ -69,6 +69,9 @@ def _broker() -> Check:
         with Connection(
             url, connect_timeout=BROKER_TIMEOUT_SECONDS, transport_options=options
         ) as broker:
+            # The filesystem transport's URL names no host; its default stops
+            # kombu warning about that at every check.
+            broker.hostname = broker.hostname or "localhost"
             broker.ensure_connection(
                 max_retries=1, interval_start=0, timeout=BROKER_TIMEOUT_SECONDS
             )
