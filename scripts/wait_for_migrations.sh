@@ -1,4 +1,4 @@
-# Sourced by start_worker.sh and start_beat.sh: waits until the database answers
+# Sourced by start_worker.sh: waits until the database answers
 # and has every migration applied (start_server.sh applies them), so that a
 # worker started beside the server, or before it, does not run on old tables.
 #   MIGRATIONS_WAIT_SECONDS=300 (default)

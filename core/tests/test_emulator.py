@@ -531,6 +531,13 @@ def test_live_capture_receives_a_pushed_punch(zk_emulator, udp):
     assert conn.disconnect() is True
 
 
+def test_generating_a_weekend_only_window_gives_the_punches_asked_for():
+    sunday = datetime(2026, 12, 6, 12, 0)
+    state = DeviceState.generate(users=1, punches=3, days=1, seed=2, now=sunday)
+    assert len(state.attendance) == 3
+    assert all(record.timestamp <= sunday for record in state.attendance)
+
+
 def test_live_interval_punches_into_the_log_with_no_client_listening(zk_emulator):
     emu = zk_emulator(small_state(), live_interval=0.1)
     deadline = time.monotonic() + 10

@@ -501,6 +501,8 @@ class DeviceState:
         # Shifts get breaks (2 more punches each) only as often as the requested
         # count needs, aiming a little high so the log is trimmed, not padded.
         weekdays = sum(1 for k in range(days + 1) if (now.date() - timedelta(k)).weekday() < 5)
+        # A window of weekend days only: nobody works a shift, and no division by zero.
+        weekdays = max(weekdays, 1)
         extra_per_shift = max(0.0, 1.08 * punches / (users * weekdays * 0.95) - 2) / 2
         max_breaks = len(_BREAK_HOURS)
 
