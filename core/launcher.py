@@ -67,6 +67,7 @@ class Launcher:
         self._write_lock = threading.Lock()
         self._changed = threading.Condition()
         self._stop_requests = 0
+        self._stopped = False
         self._width = 6
 
     # -- output ----------------------------------------------------------------------
@@ -111,6 +112,8 @@ class Launcher:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
+                # A stray byte must not stop the reader, which would block the child.
+                errors="replace",
                 bufsize=1,
                 env=environment,
                 process_group=0,
@@ -222,8 +225,9 @@ class Launcher:
     def stop(self) -> None:
         """Each child's stop signal, up to stop_timeout for them to end, then SIGKILL
         to every child's group."""
-        if not self.children:
+        if not self.children or self._stopped:
             return
+        self._stopped = True
         self.say("stopping everything (Ctrl-C again to kill at once)")
         for child in self.children:
             if child.process.poll() is None:

@@ -54,22 +54,32 @@ class Command(BaseCommand):
 
     def handle(self, *args, demo=False, host=None, port=None, punch_every=5.0, **options):
         host = host or os.environ.get("HOST") or "127.0.0.1"
-        port = port if port is not None else int(os.environ.get("PORT") or 8000)
+        if port is None:
+            try:
+                port = int(os.environ.get("PORT") or 8000)
+            except ValueError:
+                raise CommandError(
+                    f"PORT must be a port number, got {os.environ['PORT']!r}."
+                ) from None
         if punch_every <= 0:
             raise CommandError("--punch-every must be a positive number of seconds.")
-        # Before anything starts: the demo writes rows, and the worker and beat
-        # wait for the migrations.
+        # Before anything starts: the demo writes rows, and the worker waits for them.
         call_command("migrate", interactive=False, verbosity=1)
         launcher = Launcher(out=sys.stdout)
+        failure = None
+        code = 0
         with launcher.handling_signals():
             try:
                 code = self._run(launcher, demo=demo, host=host, port=port, every=punch_every)
             except LaunchError as exc:
                 launcher.say(f"could not start: {exc}")
+                if not launcher.stop_requested:
+                    failure = exc
+            finally:
+                # Whatever happened, nothing it started outlives it.
                 launcher.stop()
-                if launcher.stop_requested:
-                    return
-                raise CommandError(str(exc)) from exc
+        if failure is not None:
+            raise CommandError(str(failure)) from failure
         if code:
             raise CommandError(f"stopped because a process exited (code {code})")
 
