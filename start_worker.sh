@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs what is needed and starts a Celery worker on every queue: devices
-# (polls), crm (deliveries) and celery (processing, the heartbeat). Run as many
-# as you like, on as many machines, sharing one database and one broker
-# (docs/setup.md). Waits for start_server.sh to apply the migrations.
+# Installs what is needed and starts a Celery worker. Run as many as you like,
+# on as many machines, sharing one database and one broker (docs/setup.md).
+# Without WORKER_QUEUES it takes tasks from every queue the settings declare;
+# WORKER_QUEUES=devices gives it those only. Waits for start_server.sh to
+# apply the migrations rather than apply them itself.
 #   WORKER_CONCURRENCY=4 WORKER_QUEUES=devices ./start_worker.sh
 . "$(dirname "$0")/scripts/bootstrap.sh"
 . scripts/wait_for_migrations.sh
@@ -10,4 +11,4 @@
 exec celery -A attendance_bridge worker \
     --loglevel "${LOG_LEVEL:-INFO}" \
     --concurrency "${WORKER_CONCURRENCY:-2}" \
-    --queues "${WORKER_QUEUES:-celery,devices,crm}"
+    ${WORKER_QUEUES:+--queues "$WORKER_QUEUES"}

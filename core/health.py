@@ -115,7 +115,7 @@ def _devices(now: datetime.datetime) -> Check:
         return Check(
             False,
             f"{len(overdue)} device(s) without a successful poll for more than "
-            f"{settings.DEVICE_OVERDUE_MINUTES} minutes: {', '.join(overdue)}",
+            f"{settings.DEVICE_OVERDUE_MINUTES:g} minutes: {', '.join(overdue)}",
         )
     return Check(True, "every enabled device was polled successfully in time")
 
