@@ -46,8 +46,18 @@ class Health:
 
 
 def heartbeat_record(*, at: datetime.datetime | None = None) -> None:
-    """Records that the heartbeat ran now. Idempotent: one row, overwritten."""
-    Heartbeat.objects.update_or_create(name=HEARTBEAT, defaults={"at": at or timezone.now()})
+    """Records that the heartbeat ran now. Idempotent: one row, overwritten.
+
+    One INSERT … ON CONFLICT statement: on SQLite a read that turns into a
+    write inside a transaction fails at once with "database is locked" when a
+    poll is writing, where a single write waits for it.
+    """
+    Heartbeat.objects.bulk_create(
+        [Heartbeat(name=HEARTBEAT, at=at or timezone.now())],
+        update_conflicts=True,
+        unique_fields=["name"],
+        update_fields=["at"],
+    )
 
 
 def _database() -> Check:

@@ -61,8 +61,9 @@ class PollResult:
     warnings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        """The summary on one line, warnings counted (each has its own log line)."""
-        text = self.summary().split("\n", 1)[0]
+        """The summary on one line without the device's name (the log line has
+        it), warnings counted (each has its own log line)."""
+        text = self.summary().split("\n", 1)[0].removeprefix(f"{self.device_name}: ")
         return text + (f"; {len(self.warnings)} warning(s)" if self.warnings else "")
 
     def summary(self) -> str:
