@@ -235,6 +235,8 @@ if not CELERY_BROKER_URL:
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
         "store_processed": False,
+        # Its exchange table, which kombu otherwise writes to ./control.
+        "control_folder": str(_broker_dir / "control"),
     }
 CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER", False)
 # A task is acknowledged only after it ran, so a worker killed mid-task leaves
