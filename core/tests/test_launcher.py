@@ -170,3 +170,27 @@ def test_start_demo_serves_the_admin_runs_worker_and_beat_and_ctrl_c_stops_every
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert any("stopped" in line for line in output[-5:])
+
+
+def test_a_worker_does_not_start_on_a_database_without_its_migrations(tmp_path):
+    env = {
+        **os.environ,
+        "DATABASE_URL": "",
+        "CELERY_BROKER_URL": "",
+        "VAR_DIR": str(tmp_path / "var"),
+        "SECRET_KEY": "worker-test",
+        "MIGRATIONS_WAIT_SECONDS": "0",
+    }
+    done = subprocess.run(
+        [str(PROJECT / "start_worker.sh")],
+        cwd=PROJECT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "unapplied migrations after 0 s" in done.stderr
+    assert "start_server.sh applies them" in done.stderr
+    assert "celery@" not in done.stdout + done.stderr
