@@ -149,6 +149,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the admin's CSS and JS from gunicorn, collected by start_server.sh.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -179,6 +181,13 @@ TEMPLATES = [
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
+# Compressed copies beside each file, served by WhiteNoise. Not the manifest
+# variant: that one fails every page whose static files were not collected
+# (tests, a first `runserver`), for a cache gain the admin does not need.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # All stored times are aware UTC. Device-local wall-clock times are converted
@@ -232,6 +241,8 @@ if not CELERY_BROKER_URL:
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
         "store_processed": False,
+        # Its exchange table, which kombu otherwise writes to ./control.
+        "control_folder": str(_broker_dir / "control"),
     }
 else:
     # How long Redis waits for an unacknowledged task before giving it to
@@ -544,23 +555,77 @@ AUDITLOG_INCLUDE_TRACKING_MODELS = (
 
 
 # --- Logging -------------------------------------------------------------------------
+# One line per poll, processing run and delivery batch (core.ingest,
+# core.processing, core.crm), on stderr; JSON lines for a log collector with
+# LOG_FORMAT=json; also into a rotating file with LOG_FILE. Web, worker and
+# beat may share one LOG_FILE: the handler takes a file lock to rotate it.
 
 LOG_LEVEL = envstr("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
     raise ImproperlyConfigured(
         f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {LOG_LEVEL!r}"
     )
+# plain: "time LEVEL logger: message"; json: one JSON object per line.
+LOG_FORMAT = envstr("LOG_FORMAT", "plain").strip().lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, got {LOG_FORMAT!r}")
+# A file that gets every log line too (relative to the project folder); empty: none.
+LOG_FILE = envstr("LOG_FILE", "").strip()
+# The file is rotated at this size, keeping this many old files.
+LOG_FILE_MAX_MB = envint("LOG_FILE_MAX_MB", 50, minimum=1)
+LOG_FILE_BACKUPS = envint("LOG_FILE_BACKUPS", 5, minimum=1)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
     },
+}
+if LOG_FILE:
+    _log_file = BASE_DIR / LOG_FILE
+    _log_file.parent.mkdir(parents=True, exist_ok=True)
+    LOGGING["handlers"]["file"] = {
+        "class": "concurrent_log_handler.ConcurrentRotatingFileHandler",
+        "formatter": LOG_FORMAT,
+        "filename": str(_log_file),
+        "maxBytes": LOG_FILE_MAX_MB * 1024 * 1024,
+        "backupCount": LOG_FILE_BACKUPS,
+    }
+    LOGGING["root"]["handlers"].append("file")
+
+
+# --- Operations: health, metrics, heartbeat -------------------------------------------
+
+# The bearer token a Prometheus scraper sends to GET /metrics; empty: /metrics
+# answers 404 (it is never open).
+METRICS_TOKEN = envstr("METRICS_TOKEN", "")
+# Seconds between heartbeats: beat queues core.tasks.heartbeat, a worker runs
+# it and records the time, so a fresh heartbeat proves beat, broker, worker and
+# database all work. /health/ fails when the last is older than five intervals.
+HEARTBEAT_INTERVAL_SECONDS = envint("HEARTBEAT_INTERVAL_SECONDS", 60, minimum=5)
+# An enabled device with no successful poll for this many minutes is overdue
+# (/health/ fails); default three poll intervals.
+DEVICE_OVERDUE_MINUTES = envfloat("DEVICE_OVERDUE_MINUTES", 3 * POLL_INTERVAL_MINUTES, minimum=0.1)
+# collectstatic fills it; made here so WhiteNoise finds it before the first run.
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+# Beat keeps its schedule state beside the other runtime files.
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE["heartbeat"] = {
+    "task": "core.tasks.heartbeat",
+    "schedule": float(HEARTBEAT_INTERVAL_SECONDS),
+    # A heartbeat that waited longer than an interval is stale: drop it.
+    "options": {"expires": float(HEARTBEAT_INTERVAL_SECONDS)},
 }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
@@ -30,6 +30,7 @@ from django.db import OperationalError, ProgrammingError, connection, connection
 from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
+from core import metrics
 from core.audit import AuditEntry, audit_record
 from core.models import Device, Employee, RawAttendance
 from core.zk.client import DeviceClient, DeviceError, DeviceSizes, DeviceUser, Punch
@@ -61,6 +62,12 @@ class PollResult:
     warnings: list[str] = field(default_factory=list)
     # Another worker held the device (device_lease_claim): this poll did nothing.
     busy: bool = False
+
+    def line(self) -> str:
+        """The summary on one line without the device's name (the log line has
+        it), warnings counted (each has its own log line)."""
+        text = self.summary().split("\n", 1)[0].removeprefix(f"{self.device_name}: ")
+        return text + (f"; {len(self.warnings)} warning(s)" if self.warnings else "")
 
     def summary(self) -> str:
         if self.busy:
@@ -321,7 +328,13 @@ def employees_store(*, device: Device, users: Iterable[DeviceUser]) -> int:
 # --- Polling ---------------------------------------------------------------------------
 
 
-def client_for(device: Device) -> DeviceClient:
+# What a poll reports as it goes, for a progress display: ("records", count on
+# the device) before a download, ("bytes", size of a chunk) during it,
+# ("storing", punches downloaded) after it.
+PollProgress = Callable[[str, int], None]
+
+
+def client_for(device: Device, *, on_bytes: Callable[[int], None] | None = None) -> DeviceClient:
     return DeviceClient(
         host=device.ip_address,
         port=device.port,
@@ -329,6 +342,7 @@ def client_for(device: Device) -> DeviceClient:
         comm_key=device.comm_key,
         timeout=device.timeout_seconds,
         encoding=device.encoding,
+        on_bytes=on_bytes,
     )
 
 
@@ -342,7 +356,9 @@ def _needs_download(
     return device.last_serial_number != serial or device.last_record_count != sizes.records
 
 
-def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
+def device_poll(
+    *, device: Device, force_full: bool = False, progress: PollProgress | None = None
+) -> PollResult:
     """Polls one device and stores its new punches.
 
     Idempotent: a punch already stored is not stored again, only judged again
@@ -350,14 +366,17 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
     unchanged since the last download is not downloaded again (until
     FULL_POLL_HOURS have passed or `force_full`).
     Never raises for a device problem: the failure is recorded on the device
-    (last_error, consecutive_failures) and returned in the result.
+    (last_error, consecutive_failures) and returned in the result. Each poll
+    writes one log line and adds to the poll totals of /metrics (core.metrics);
+    `progress`, when given, is told how the download goes (PollProgress).
     """
     started = time.monotonic()
     result = PollResult(device_id=device.pk, device_name=device.name)
     now = timezone.now()
     zone = device.zone
     try:
-        with client_for(device) as client:
+        on_bytes = (lambda size: progress("bytes", size)) if progress else None
+        with client_for(device, on_bytes=on_bytes) as client:
             sizes = client.read_sizes()
             identity = client.read_identity()
             device_now = client.get_time()
@@ -367,6 +386,8 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
             users: list[DeviceUser] = []
             punches: list[Punch] = []
             if download:
+                if progress:
+                    progress("records", sizes.records)
                 # Disabled for the read: counts and log from one quiet moment.
                 log = client.read_log()
                 sizes, users, punches = log.sizes, log.users, log.punches
@@ -397,6 +418,8 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
         logger.warning("Device %s (id %s): %s", device.name, device.pk, warning)
     try:
         if download:
+            if progress:
+                progress("storing", len(punches))
             rows, result.suspect = _rows(punches, zone=zone, latest=latest_plausible(zone, now=now))
             with transaction.atomic():
                 # Stamped as the rows are written, so processing's late-commit
@@ -410,12 +433,20 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
                     last_serial_number=identity["serial_number"],
                 )
                 Device.objects.filter(pk=device.pk).update(**facts)
+                metrics.counter_add(
+                    counts=[
+                        (metrics.POLLS, device.pk, "downloaded", 1),
+                        (metrics.PUNCHES_STORED, device.pk, "", counts.new),
+                    ]
+                )
             result.new, result.revised = counts.new, counts.revised
             result.downloaded = len(rows)
             result.duplicates = len(rows) - result.new
         else:
             result.quick = True
-            Device.objects.filter(pk=device.pk).update(**facts)
+            with transaction.atomic():
+                Device.objects.filter(pk=device.pk).update(**facts)
+                metrics.counter_add(counts=[(metrics.POLLS, device.pk, "unchanged", 1)])
     except OperationalError as exc:
         if not _database_locked(exc):
             raise
@@ -433,6 +464,7 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
         logger.warning("Poll of device %s (id %s): %s", device.name, device.pk, warning)
     result.ok = True
     result.seconds = time.monotonic() - started
+    logger.info("Poll of device %s (id %s): %s", device.name, device.pk, result.line())
     return result
 
 
@@ -478,15 +510,20 @@ def _locked_error() -> str:
 
 
 def device_record_failure(*, device: Device, error: str, at: datetime.datetime) -> None:
-    Device.objects.filter(pk=device.pk).update(
-        last_poll_at=at,
-        last_error=error,
-        consecutive_failures=F("consecutive_failures") + 1,
-    )
+    with transaction.atomic():
+        Device.objects.filter(pk=device.pk).update(
+            last_poll_at=at,
+            last_error=error,
+            consecutive_failures=F("consecutive_failures") + 1,
+        )
+        metrics.counter_add(counts=[(metrics.POLLS, device.pk, "failed", 1)])
     device.refresh_from_db(fields=["last_poll_at", "last_error", "consecutive_failures"])
 
 
-def _poll_guarded(device: Device, force_full: bool) -> PollResult:
+def _poll_guarded(
+    device: Device, force_full: bool, progress: Callable[[Device, str, int], None] | None = None
+) -> PollResult:
+    report = (lambda event, amount: progress(device, event, amount)) if progress else None
     # The scheduled polls' lease: a device a worker is polling is skipped.
     try:
         until = device_lease_claim(device_id=device.pk, lease=poll_lease())
@@ -498,7 +535,7 @@ def _poll_guarded(device: Device, force_full: bool) -> PollResult:
     if until is None:
         return PollResult(device_id=device.pk, device_name=device.name, busy=True)
     try:
-        return device_poll(device=device, force_full=force_full)
+        return device_poll(device=device, force_full=force_full, progress=report)
     except Exception as exc:
         # A bug must not stop the other devices' polls; it is logged with the id.
         logger.exception("Unexpected error polling device %s (id %s)", device.name, device.pk)
@@ -509,28 +546,37 @@ def _poll_guarded(device: Device, force_full: bool) -> PollResult:
         device_lease_release(device_id=device.pk, until=until)
 
 
-def _poll_in_thread(device: Device, force_full: bool) -> PollResult:
+def _poll_in_thread(
+    device: Device, force_full: bool, progress: Callable[[Device, str, int], None] | None
+) -> PollResult:
     try:
-        return _poll_guarded(device, force_full)
+        return _poll_guarded(device, force_full, progress)
     finally:
         connections.close_all()
 
 
 def devices_poll(
-    *, devices: Iterable[Device] | None = None, force_full: bool = False, workers: int = 4
+    *,
+    devices: Iterable[Device] | None = None,
+    force_full: bool = False,
+    workers: int = 4,
+    progress: Callable[[Device, str, int], None] | None = None,
 ) -> list[PollResult]:
     """Polls several devices side by side; a slow or failing one does not hold up the rest.
 
     Each under its lease (device_lease_claim): a device a worker is polling
-    right now is skipped, its result marked `busy`."""
+    right now is skipped, its result marked `busy`. Idempotent as device_poll
+    is; never raises for a device problem. `progress` is told each device's
+    PollProgress events, possibly from several threads.
+    """
     devices = list(Device.objects.filter(enabled=True) if devices is None else devices)
     if not devices:
         return []
     if len(devices) == 1 or workers <= 1 or connection.vendor == "sqlite":
         # SQLite allows one writer at a time; threads would only queue on its lock.
-        return [_poll_guarded(device, force_full) for device in devices]
+        return [_poll_guarded(device, force_full, progress) for device in devices]
     with ThreadPoolExecutor(max_workers=min(workers, len(devices))) as pool:
-        return list(pool.map(lambda d: _poll_in_thread(d, force_full), devices))
+        return list(pool.map(lambda d: _poll_in_thread(d, force_full, progress), devices))
 
 
 # --- One worker per device ---------------------------------------------------------------

@@ -504,3 +504,42 @@ class RunRequest(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+# --- Operations: what /health/ and /metrics read (core.health, core.metrics) ---------
+
+
+class Heartbeat(models.Model):
+    """When a periodic job last ran: `beat` is written by core.tasks.heartbeat,
+    which beat queues and a worker runs."""
+
+    name = models.CharField(max_length=50, unique=True)
+    at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.at:%Y-%m-%d %H:%M:%S} UTC"
+
+
+class Counter(models.Model):
+    """A running total for /metrics (polls by outcome, punches stored, processing
+    runs, delivered records by outcome), kept in the database so that every web
+    and worker process, on every machine, adds to and reads the same figure.
+    Written with one upsert per event (core.metrics.counter_add), never per punch.
+    """
+
+    name = models.CharField(max_length=50)
+    # 0 when the total is not a device's; a plain number, so that a deleted
+    # device's totals go with no constraint to check.
+    device_id = models.PositiveIntegerField(default=0)
+    outcome = models.CharField(max_length=20, blank=True, default="")
+    value = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["name", "device_id", "outcome"], name="counter_unique_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.device_id},{self.outcome}] = {self.value}"

@@ -23,7 +23,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import OperationalError, transaction
 
-from core import crm, ingest, pipeline, retention
+from core import crm, health, ingest, pipeline, retention
 from core.models import Device
 from core.processing import attendance_process
 
@@ -180,3 +180,13 @@ def clear_device_log(device_id: int) -> dict | None:
         lease=ingest.poll_lease(),
     )
     return None if result is None else dataclasses.asdict(result)
+
+
+# --- Operations: the heartbeat ------------------------------------------------------
+
+
+@shared_task(name="core.tasks.heartbeat")
+def heartbeat() -> str:
+    """Records that beat queued this and a worker ran it (core.health); /health/ reads it."""
+    health.heartbeat_record()
+    return "ok"

@@ -416,9 +416,17 @@ class _ZK(ZK):
       the peer closes, recv() returns b"" forever and the loop never ends.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, on_bytes: Callable[[int], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.helper = _NoProbe(*self._ZK__address)
+        # Told the size of each chunk of a bulk read as it arrives (progress).
+        self.on_bytes = on_bytes
+
+    def _ZK__read_chunk(self, start, size):  # overrides pyzk's name-mangled method
+        data = ZK._ZK__read_chunk(self, start, size)
+        if self.on_bytes is not None:
+            self.on_bytes(len(data))
+        return data
 
     def _ZK__create_socket(self):  # overrides pyzk's name-mangled method
         if self.tcp:
@@ -461,6 +469,7 @@ class DeviceClient:
         comm_key: int = 0,
         timeout: float = 30,
         encoding: str = "utf-8",
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         if protocol not in ("tcp", "udp"):
             raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
@@ -470,6 +479,8 @@ class DeviceClient:
         self.comm_key = comm_key
         self.timeout = timeout
         self.encoding = encoding
+        # Called with the size of each chunk of a bulk read (a progress display).
+        self.on_bytes = on_bytes
         self._zk: _ZK | None = None
 
     @property
@@ -489,6 +500,7 @@ class DeviceClient:
             # lack (pyzk #122); a failed connect says the same more precisely.
             ommit_ping=True,
             encoding=self.encoding,
+            on_bytes=self.on_bytes,
         )
         try:
             with self._errors("connecting"):
