@@ -19,6 +19,8 @@ GROUPS = {
         "view_rawattendance",
         "view_processedattendance",
         "change_processedattendance",
+        "view_timesheet",
+        "auditlog.view_logentry",
     ],
     # Manage devices and the users on them, poll, process, and send days to the CRM.
     "Operators": [
@@ -37,6 +39,7 @@ GROUPS = {
         "resend_processedattendance",
         "reset_failed_processedattendance",
         "view_deliverylog",
+        "auditlog.view_logentry",
     ],
     # Read attendance and the pull feed of changes.
     "CRM": [
@@ -47,17 +50,26 @@ GROUPS = {
 
 
 def create_groups(apps, schema_editor):
-    core = apps.get_app_config("core")
-    core.models_module = True
-    create_contenttypes(core, verbosity=0, apps=apps)
-    create_permissions(core, verbosity=0, apps=apps)
-    core.models_module = None
+    for label in ("core", "auditlog"):
+        config = apps.get_app_config(label)
+        config.models_module = True
+        create_contenttypes(config, verbosity=0, apps=apps)
+        create_permissions(config, verbosity=0, apps=apps)
+        config.models_module = None
     Group = apps.get_model("auth", "Group")
     Permission = apps.get_model("auth", "Permission")
-    for name, codenames in GROUPS.items():
+    for name, names in GROUPS.items():
         group, _ = Group.objects.get_or_create(name=name)
-        perms = Permission.objects.filter(content_type__app_label="core", codename__in=codenames)
-        missing = set(codenames) - set(perms.values_list("codename", flat=True))
+        # "codename" is a permission of core; "app.codename" one of another app.
+        wanted = {tuple(n.split(".")) if "." in n else ("core", n) for n in names}
+        perms = [
+            perm
+            for perm in Permission.objects.filter(
+                codename__in={code for _, code in wanted}
+            ).select_related("content_type")
+            if (perm.content_type.app_label, perm.codename) in wanted
+        ]
+        missing = wanted - {(p.content_type.app_label, p.codename) for p in perms}
         if missing:
             raise RuntimeError(f"Permissions missing for group {name}: {sorted(missing)}")
         group.permissions.add(*perms)
@@ -69,7 +81,8 @@ def remove_groups(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("core", "0010_punch_delivery_db_defaults"),
+        ("core", "0013_operations"),
+        ("auditlog", "0017_add_actor_email"),
         ("auth", "0012_alter_user_first_name_max_length"),
         ("contenttypes", "0002_remove_content_type_name"),
     ]
