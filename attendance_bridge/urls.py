@@ -7,8 +7,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     # The REST API: docs/api.md; schema at /api/schema/, Swagger UI at /api/docs/.
     path("api/", include("core.api.urls")),
-    # Reports and the audit log (core/api/urls_reports.py).
-    path("api/", include("core.api.urls_reports")),
     # Operations (docs/operations.md): open health check, token-protected metrics.
     path("health/", ops_views.health, name="health"),
     path("metrics", ops_views.metrics, name="metrics"),

@@ -54,7 +54,7 @@ What the REST API must call (the admin does the same in core/admin.py):
   record them. A view that writes them with .update() instead must call
   audit_record.
 
-Reading the log: ``GET /api/audit-log/`` (core/api/audit.py) and the admin's
+Reading the log: ``GET /api/audit-log/`` (core/api/views/audit.py) and the admin's
 Log entries, both with the ``auditlog.view_logentry`` permission only, which
 is what the HR and Operators groups need for it.
 

@@ -5,8 +5,13 @@ action name, or an HTTP method for a plain APIView) to the permissions it
 needs. An action it does not list needs Django's model permission for the
 method: `view_` to read, `add_` to create, `change_` to update, `delete_` to
 delete. A view with neither fails closed: nobody may call it.
+
+A method the view does not handle at all (TRACE, or PUT on a read-only list)
+is answered 405 to a logged-in user, as DRF would answer it after the check:
+no permission can allow it, so naming one would mislead.
 """
 
+from rest_framework.exceptions import MethodNotAllowed
 from rest_framework.permissions import BasePermission
 
 METHOD_ACTIONS = {
@@ -43,6 +48,9 @@ class ActionPermissions(BasePermission):
         user = request.user
         if not (user and user.is_authenticated and user.is_active):
             return False
+        method = request.method.lower()
+        if method not in view.http_method_names or getattr(view, method, None) is None:
+            raise MethodNotAllowed(request.method)
         needed = required_permissions(request, view)
         if needed is None:
             return False

@@ -5,10 +5,12 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 from rest_framework import routers
 
 from core.api.views.attendance import ProcessedAttendanceViewSet, RawAttendanceViewSet
+from core.api.views.audit import AuditLogViewSet
 from core.api.views.auth import JWTRefreshView, JWTView, TokenView
 from core.api.views.device_users import DeviceUserViewSet
 from core.api.views.devices import DeviceViewSet
 from core.api.views.employees import EmployeeViewSet
+from core.api.views.reports import TimesheetViewSet
 
 
 class APIRoot(routers.APIRootView):
@@ -26,6 +28,8 @@ router.register("devices", DeviceViewSet, basename="device")
 router.register("employees", EmployeeViewSet, basename="employee")
 router.register("raw-attendance", RawAttendanceViewSet, basename="raw-attendance")
 router.register("processed-attendance", ProcessedAttendanceViewSet, basename="processed-attendance")
+router.register("reports/timesheet", TimesheetViewSet, basename="timesheet")
+router.register("audit-log", AuditLogViewSet, basename="audit-log")
 
 device_users = DeviceUserViewSet.as_view({"get": "list", "post": "create"})
 device_user = DeviceUserViewSet.as_view({"delete": "destroy"})
