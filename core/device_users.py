@@ -23,7 +23,7 @@ import json
 import time
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import requests
 from django.conf import settings
@@ -75,6 +75,9 @@ class ImportResult:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
+    # Each user written, with the record it replaced (None when added): what
+    # the audit log records. Users left as they were are not listed.
+    written: list[tuple[DeviceUser, DeviceUser | None]] = field(default_factory=list)
 
 
 # --- Checks --------------------------------------------------------------------------
@@ -194,11 +197,12 @@ def device_users_list(*, device: Device) -> list[DeviceUser]:
         return client.read_users()
 
 
-def device_user_save(*, device: Device, user: UserInput) -> tuple[DeviceUser, bool]:
+def device_user_save(*, device: Device, user: UserInput) -> tuple[DeviceUser, DeviceUser | None]:
     """Adds the user to the device, or updates the one with the same user id.
 
-    Returns the record as written and whether it was new. Idempotent: the
-    same user saved again keeps its uid and is not written again.
+    Returns the record as written and the record it replaced (None when the
+    user was new; equal to the first when nothing needed writing). Idempotent:
+    the same user saved again keeps its uid and is not written again.
     Raises DeviceUserInvalid (nothing written) or DeviceError.
     """
     with client_for(device) as client:
@@ -208,11 +212,12 @@ def device_user_save(*, device: Device, user: UserInput) -> tuple[DeviceUser, bo
         if not _same(record, current):
             client.write_user(record)
     employees_store(device=device, users=[record])
-    return record, current is None
+    return record, current
 
 
-def device_user_delete(*, device: Device, user_id: str) -> bool:
-    """Deletes the user with this user id from the device; False when none has it.
+def device_user_delete(*, device: Device, user_id: str) -> DeviceUser | None:
+    """Deletes the user with this user id from the device; returns the record
+    deleted, or None when no user has that user id.
 
     Idempotent: a second delete finds no user and writes nothing. The
     employee and their punches stay: they are history. Raises DeviceError.
@@ -220,9 +225,9 @@ def device_user_delete(*, device: Device, user_id: str) -> bool:
     with client_for(device) as client:
         match = next((u for u in client.read_users() if u.user_id == user_id), None)
         if match is None:
-            return False
+            return None
         client.delete_user(match.uid)
-    return True
+    return match
 
 
 def device_users_import(*, device: Device, users: Sequence[UserInput]) -> ImportResult:
@@ -242,6 +247,7 @@ def device_users_import(*, device: Device, users: Sequence[UserInput]) -> Import
                 result.unchanged += 1
                 continue
             client.write_user(record)
+            result.written.append((record, current))
             if current is None:
                 result.added += 1
             else:

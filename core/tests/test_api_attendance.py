@@ -188,20 +188,25 @@ def test_a_bad_correction_is_a_400_and_changes_nothing(hr, body, named):
     assert not row.is_manual and row.version == 1
 
 
-def test_sync_queues_a_delivery_and_a_resend_of_the_ids_given(api_as, celery_sent):
+def test_sync_queues_a_delivery_and_makes_the_ids_given_due_again_first(api_as, celery_sent):
     operator = api_as(groups=["Operators"])
     row = day("1001", datetime.date(2026, 11, 2))
     answer = operator.post("/api/processed-attendance/sync/", {}, format="json")
     assert answer.status_code == 202
     assert celery_sent[-1][:3] == ("core.tasks.sync_to_crm", (None,), {})
     assert answer.json()["task_id"] == celery_sent[-1][3]
+    ProcessedAttendance.objects.filter(pk=row.pk).update(sync_state="synced")
     answer = operator.post("/api/processed-attendance/sync/", {"ids": [row.pk]}, format="json")
-    assert answer.status_code == 202 and celery_sent[-1][1] == ([row.pk],)
+    assert answer.status_code == 202 and celery_sent[-1][1] == (None,)
+    row.refresh_from_db()
+    assert (row.sync_state, row.resend_count) == ("pending", 1)
     unknown = operator.post(
         "/api/processed-attendance/sync/", {"ids": [row.pk, 999999]}, format="json"
     )
     assert unknown.status_code == 400 and "999999" in unknown.json()["ids"]
     assert len(celery_sent) == 2
+    row.refresh_from_db()
+    assert row.resend_count == 1
 
 
 def test_process_queues_a_run_or_with_wait_builds_the_days_now(api_as, celery_sent):

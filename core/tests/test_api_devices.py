@@ -91,20 +91,22 @@ def test_devices_filter_by_enabled_and_a_bad_value_is_a_400(operator):
 
 
 @pytest.mark.parametrize(
-    "action, task",
+    "action, task, kwargs",
     [
-        ("poll", "core.tasks.poll_device"),
-        ("test", "core.tasks.test_device"),
-        ("sync_time", "core.tasks.sync_device_time"),
+        ("poll", "core.tasks.poll_device", {}),
+        ("test", "core.tasks.test_device", {}),
+        # A clock set is recorded in the audit log by the task, as this user's.
+        ("sync_time", "core.tasks.sync_device_time", {"actor_id": "operator"}),
     ],
 )
 def test_an_action_queues_its_task_and_answers_202_with_the_task_id(
-    operator, celery_sent, action, task
+    operator, celery_sent, action, task, kwargs
 ):
     device = DeviceFactory()
     answer = operator.post(f"/api/devices/{device.pk}/{action}/")
     assert answer.status_code == 202
-    assert celery_sent == [(task, (device.pk,), {}, answer.json()["task_id"])]
+    kwargs = {name: operator.user.pk for name in kwargs}
+    assert celery_sent == [(task, (device.pk,), kwargs, answer.json()["task_id"])]
 
 
 def test_poll_all_queues_one_task(operator, celery_sent):

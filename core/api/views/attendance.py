@@ -33,7 +33,8 @@ from core.api.views.common import (
     WRITE_ERRORS,
     wait_requested,
 )
-from core.crm import FEED_MAX_LIMIT, InvalidCursor, crm_changes
+from core.audit import audit_changes
+from core.crm import FEED_MAX_LIMIT, InvalidCursor, crm_changes, crm_resend
 from core.models import ProcessedAttendance, RawAttendance
 from core.processing import attendance_edit, attendance_process
 
@@ -142,7 +143,8 @@ class ProcessedAttendanceViewSet(
         given = CorrectionSerializer(data=request.data)
         given.is_valid(raise_exception=True)
         try:
-            day = attendance_edit(record_id=day.pk, user=request.user, **given.validated_data)
+            with audit_changes(actor=request.user, action="attendance_edit", ids=[day.pk]):
+                day = attendance_edit(record_id=day.pk, user=request.user, **given.validated_data)
         except ValueError as exc:
             raise ValidationError({"clock_out": str(exc)}) from None
         return Response(self.get_serializer(day).data)
@@ -152,7 +154,7 @@ class ProcessedAttendanceViewSet(
         request=SyncRequestSerializer,
         responses={202: TaskQueuedSerializer, **LIST_ERRORS},
         description="Queues a delivery run; with ids, those days are made due again first "
-        "(a resend). Needs core.resend_processedattendance.",
+        "(a resend, recorded in the audit log). Needs core.resend_processedattendance.",
     )
     @action(detail=False, methods=["post"], filter_backends=[], pagination_class=None)
     def sync(self, request):
@@ -164,7 +166,10 @@ class ProcessedAttendanceViewSet(
             unknown = [pk for pk in ids if pk not in found]
             if unknown:
                 raise ValidationError({"ids": f"No daily record with id {unknown[:20]}."})
-        task = tasks.sync_to_crm.delay(ids or None)
+            # Made due here, not in the task, so the audit log records who asked.
+            with audit_changes(actor=request.user, action="crm_resend", ids=ids) as ids:
+                crm_resend(ids=ids)
+        task = tasks.sync_to_crm.delay(None)
         return Response({"task_id": task.id}, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(

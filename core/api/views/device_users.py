@@ -14,6 +14,7 @@ from core.api.serializers import (
     ImportResultSerializer,
 )
 from core.api.views.common import DETAIL_ERRORS, DEVICE_ERRORS, WRITE_ERRORS
+from core.audit import audit_record, device_user_entry
 from core.models import Device
 
 PERMS = ["core.view_device", "core.manage_device_users"]
@@ -64,10 +65,16 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         device = self._device()
         given = DeviceUserInputSerializer(data=request.data)
         given.is_valid(raise_exception=True)
-        record, added = device_users.device_user_save(device=device, user=given.to_input())
+        record, replaced = device_users.device_user_save(device=device, user=given.to_input())
+        _audit(
+            request,
+            "device_user_add",
+            device,
+            [device_user_entry(device=device, before=replaced, after=record)],
+        )
         return Response(
             DeviceUserSerializer(record).data,
-            status=status.HTTP_201_CREATED if added else status.HTTP_200_OK,
+            status=status.HTTP_201_CREATED if replaced is None else status.HTTP_200_OK,
         )
 
     @extend_schema(
@@ -81,8 +88,15 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
     )
     def destroy(self, request, device_pk=None, user_id=None):
         device = self._device()
-        if not device_users.device_user_delete(device=device, user_id=user_id):
+        removed = device_users.device_user_delete(device=device, user_id=user_id)
+        if removed is None:
             raise NotFound(f"No user with user id {user_id!r} on device {device.name!r}.")
+        _audit(
+            request,
+            "device_user_remove",
+            device,
+            [device_user_entry(device=device, before=removed, after=None)],
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(
@@ -98,9 +112,10 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         device = self._device()
         given = DeviceUserImportSerializer(data=request.data)
         given.is_valid(raise_exception=True)
-        if "url" in given.validated_data:
+        source = given.validated_data.get("url")
+        if source:
             try:
-                users = device_users.import_source_fetch(url=given.validated_data["url"])
+                users = device_users.import_source_fetch(url=source)
             except device_users.ImportSourceError as exc:
                 raise ValidationError({"url": str(exc)}) from None
         else:
@@ -109,4 +124,16 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
             result = device_users.device_users_import(device=device, users=users)
         except device_users.DeviceUserInvalid as exc:
             raise ValidationError({"users": exc.errors}) from None
+        details = {"source": source} if source else {}
+        entries = [
+            device_user_entry(device=device, before=before, after=after, **details)
+            for after, before in result.written
+        ]
+        _audit(request, "device_user_add", device, entries)
         return Response(ImportResultSerializer(result).data)
+
+
+def _audit(request, action: str, device: Device, entries: list) -> None:
+    """Records users written to or deleted from a clock (core.audit), after the
+    clock took them; a user saved as it was records nothing."""
+    audit_record(actor=request.user, action=action, model=Device, entries=[e for e in entries if e])

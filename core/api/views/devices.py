@@ -29,6 +29,7 @@ from core.api.views.common import (
     WRITE_ERRORS,
     wait_requested,
 )
+from core.audit import audit_clock_set
 from core.models import Device
 
 
@@ -108,8 +109,10 @@ class DeviceViewSet(viewsets.ModelViewSet):
     def sync_time(self, request, pk=None):
         device = self.get_object()
         if not wait_requested(request):
-            return _queued(tasks.sync_device_time.delay(device.pk))
+            # The task records the clock set in the audit log, with this user.
+            return _queued(tasks.sync_device_time.delay(device.pk, actor_id=request.user.pk))
         local_now = ingest.device_sync_time(device=device)
+        audit_clock_set(actor=request.user, device=device, set_to=local_now)
         return Response({"device_id": device.pk, "set_to": local_now.isoformat()})
 
     @extend_schema(
