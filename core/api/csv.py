@@ -47,14 +47,23 @@ class _Echo:
         return value
 
 
+# A text cell starting with one of these is a formula to a spreadsheet; names
+# come from clocks and people, so such a cell is written with a leading quote,
+# as the admin's timesheet download does.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def cell(value) -> str:
-    """One CSV cell: empty for null, true/false, JSON for lists and objects."""
+    """One CSV cell: empty for null, true/false, JSON for lists and objects;
+    text a spreadsheet would run as a formula gets a leading quote."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | dict):
         return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return str(value)
 
 

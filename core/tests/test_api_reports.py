@@ -176,6 +176,18 @@ def test_timesheet_csv_streams_every_row_of_the_period_with_the_jsons_columns_an
     assert [row["user_id"] for row in rows] == ["2001", "2002"]
 
 
+def test_timesheet_csv_through_the_api_neutralises_a_name_a_spreadsheet_would_run(login, client):
+    EmployeeFactory(user_id="3001", name="=HYPERLINK(1)")
+    make_day("3001", 2)
+    login("core.view_timesheet")
+    response = client.get(
+        TIMESHEET, {"start_date": "2026-11-01", "end_date": "2026-11-30", "format": "csv"}
+    )
+    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert rows[0]["name"] == "'=HYPERLINK(1)"
+    assert rows[0]["worked"] == "9:00"
+
+
 def test_timesheet_csv_with_a_bad_date_is_a_400_naming_it(login, client):
     login("core.view_timesheet")
     response = client.get(TIMESHEET, {"start_date": "2026-11-01", "format": "csv"})
