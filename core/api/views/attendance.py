@@ -59,6 +59,8 @@ RENDERERS = [JSONRenderer, BrowsableAPIRenderer, CSVRenderer]
     retrieve=extend_schema(responses={200: RawAttendanceSerializer, **DETAIL_ERRORS}),
 )
 class RawAttendanceViewSet(CSVExportMixin, viewsets.ReadOnlyModelViewSet):
+    """Punches as the devices recorded them; read-only (they come from the clocks)."""
+
     queryset = RawAttendance.objects.select_related("device").order_by("-timestamp", "-id")
     serializer_class = RawAttendanceSerializer
     renderer_classes = RENDERERS
@@ -96,6 +98,8 @@ class ProcessedAttendanceViewSet(
     mixins.RetrieveModelMixin,
     viewsets.GenericViewSet,
 ):
+    """Daily clock-in/clock-out records with their outlier flags and delivery state."""
+
     queryset = ProcessedAttendance.objects.select_related(
         "employee", "edited_by", "reviewed_by"
     ).order_by("-work_date", "user_id")
