@@ -113,7 +113,7 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         given = DeviceUserImportSerializer(data=request.data)
         given.is_valid(raise_exception=True)
         source = given.validated_data.get("url")
-        if source:
+        if source is not None:
             try:
                 users = device_users.import_source_fetch(url=source)
             except device_users.ImportSourceError as exc:
@@ -124,7 +124,7 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
             result = device_users.device_users_import(device=device, users=users)
         except device_users.DeviceUserInvalid as exc:
             raise ValidationError({"users": exc.errors}) from None
-        details = {"source": source} if source else {}
+        details = {} if source is None else {"source": source}
         entries = [
             device_user_entry(device=device, before=before, after=after, **details)
             for after, before in result.written
