@@ -4,6 +4,7 @@ client against every endpoint and method (docs/permissions.md)."""
 import datetime
 
 import pytest
+from auditlog.models import LogEntry
 from django.contrib.auth.models import Group, Permission
 
 from core.models import Device, Employee, ProcessedAttendance, RawAttendance
@@ -56,7 +57,7 @@ def endpoints(w) -> list[tuple[str, str, dict | None, set[str]]]:
         ("get", "/api/devices/", None, READERS),
         ("post", "/api/devices/", new_device, {"Operators"}),
         ("get", f"/api/devices/{d}/", None, READERS),
-        ("patch", f"/api/devices/{d}/", {"enabled": True}, {"Operators"}),
+        ("patch", f"/api/devices/{d}/", {"name": "Front door B"}, {"Operators"}),
         (
             "put",
             f"/api/devices/{d}/",
@@ -157,6 +158,40 @@ def test_each_role_may_call_exactly_the_endpoints_its_permissions_allow(
     if role == "HR":
         assert Employee.objects.get().name == "Ana Maria"
         assert ProcessedAttendance.objects.get().edited_by == client.user
+    # The audit log holds what this role's requests changed, and nothing else.
+    recorded = set(
+        LogEntry.objects.filter(actor__isnull=False).values_list(
+            "additional_data__action", "action"
+        )
+    )
+    assert recorded == RECORDED[role]
+
+
+UPDATE, CREATE, DELETE = LogEntry.Action.UPDATE, LogEntry.Action.CREATE, LogEntry.Action.DELETE
+RECORDED = {
+    "HR": {(None, UPDATE), ("attendance_edit", UPDATE)},
+    "Operators": {
+        (None, CREATE),  # POST /api/devices/
+        (None, UPDATE),  # PATCH, PUT
+        (None, DELETE),
+        ("crm_resend", UPDATE),
+        ("device_user_add", UPDATE),
+        ("device_user_remove", UPDATE),
+        # The queued sync_time records when its task runs: not here.
+    },
+    "CRM": set(),
+    "viewer": set(),
+    "anonymous": set(),
+}
+
+
+def test_a_method_no_endpoint_offers_is_a_405_to_a_user_and_a_401_to_anonymous(world, api_as):
+    superuser = api_as()
+    superuser.user.is_superuser = True
+    superuser.user.save()
+    for url in ("/api/devices/", "/api/reports/timesheet/", "/api/audit-log/"):
+        assert superuser.generic("TRACE", url).status_code == 405
+        assert api_as(anonymous=True).generic("TRACE", url).status_code == 401
 
 
 def test_the_groups_hold_the_permissions_the_docs_list():
