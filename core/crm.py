@@ -681,8 +681,10 @@ def _claim(
                 cursor.execute(
                     f"UPDATE {table} AS p SET delivery_key = v.key, delivery_version = p.version, "
                     "delivery_lease_until = %s, last_sync_attempt = %s "
-                    f"FROM unnest(%s::bigint[], %s::text[]) AS v(id, key) WHERE p.{pk} = v.id",
-                    [lease_until, now, ids, row_keys],
+                    # Lists as one string each: psycopg quotes a list element by element.
+                    "FROM unnest(string_to_array(%s, ',')::bigint[], string_to_array(%s, ',')) "
+                    f"AS v(id, key) WHERE p.{pk} = v.id",
+                    [lease_until, now, ",".join(map(str, ids)), ",".join(row_keys)],
                 )
         records = iter(queue.records(rows))
         return [
