@@ -1651,16 +1651,43 @@ def _retry_failed(model) -> int:
 def crm_reset_failed(*, ids: Iterable[int]) -> int:
     """Makes these failed rows due now (the admin's Reset failed); returns how many.
     Idempotent; raises nothing."""
-    return ProcessedAttendance.objects.filter(pk__in=list(ids), sync_state=State.FAILED).update(
-        sync_state=State.PENDING, next_sync_at=None, sync_attempts=0
-    )
+    return _reset_failed(ProcessedAttendance.objects.filter(pk__in=list(ids)))
 
 
 def crm_resend(*, ids: Iterable[int]) -> int:
     """Makes these rows due again whatever their state (the admin's Resend);
     returns how many. The CRM ignores a version it holds, so a resend is safe.
     Idempotent; raises nothing."""
-    return ProcessedAttendance.objects.filter(pk__in=list(ids)).update(
+    return _resend(ProcessedAttendance.objects.filter(pk__in=list(ids)))
+
+
+def crm_punch_reset_failed(*, ids: Iterable[int]) -> int:
+    """Makes these failed punch deliveries due now (the admin's Reset failed on raw
+    punch deliveries); returns how many. Idempotent; raises nothing."""
+    return _reset_failed(PunchDelivery.objects.filter(pk__in=list(ids)))
+
+
+def crm_punch_resend(*, ids: Iterable[int]) -> int:
+    """Makes these punch deliveries due again under a new idempotency key (the
+    admin's Resend on raw punch deliveries); returns how many. Punches held
+    back as suspect stay held: they go once their verdict is cleared. A CRM
+    keeps a punch once (device, employee_id, timestamp), so a resend is safe.
+    Idempotent; raises nothing."""
+    return _resend(
+        PunchDelivery.objects.filter(pk__in=list(ids)).exclude(
+            sync_state=PunchDelivery.SyncState.HELD
+        )
+    )
+
+
+def _reset_failed(rows) -> int:
+    return rows.filter(sync_state=State.FAILED).update(
+        sync_state=State.PENDING, next_sync_at=None, sync_attempts=0
+    )
+
+
+def _resend(rows) -> int:
+    return rows.update(
         sync_state=State.PENDING,
         next_sync_at=None,
         sync_attempts=0,
