@@ -54,7 +54,7 @@ from zoneinfo import ZoneInfo
 import requests
 from django.conf import settings
 from django.db import connection, connections, transaction
-from django.db.models import Count, DateTimeField, F, Func, Max
+from django.db.models import Count, DateTimeField, F, Func, Max, Q
 from django.utils import timezone
 
 from core.models import (
@@ -1547,6 +1547,57 @@ def crm_preview(*, destination: Destination | None = None) -> str:
     finally:
         if own_destination:
             destination.close()
+
+
+def crm_punch_preview(*, destination: Destination | None = None) -> str:
+    """The first request of raw punches crm_punch_sync would send now, changing
+    nothing (nothing is registered); "" when no punch would go.
+
+    Punches already registered and due go first, one device per request; when
+    none is, the punches the next registration would register and send
+    (above the registration floor, not suspect, not before CRM_SYNC_FROM).
+    Raises CrmConfigError when the punch export is off or misconfigured.
+    """
+    own_destination = destination is None
+    destination = destination or JsonContractDestination.from_settings(punches=True)
+    try:
+        size = settings.CRM_BATCH_SIZE
+        due = PUNCHES.due(sync_from=None).order_by("raw__device_id", "pk")
+        rows = list(PUNCHES.values(due)[:size])
+        if not rows:
+            rows = _unregistered_punches(limit=size)
+        if not rows:
+            return ""
+        rows = [row for row in rows if row["raw__device_id"] == rows[0]["raw__device_id"]]
+        return destination.preview(
+            records=render_punches(rows),
+            key="<a new key per batch>",
+            envelope=punch_envelope(rows),
+        )
+    finally:
+        if own_destination:
+            destination.close()
+
+
+def _unregistered_punches(*, limit: int) -> list[dict]:
+    """Up to `limit` punches the next registration would register as due, in the
+    shape of `_PUNCH_FIELDS`, those of the lowest device id first. Reads only."""
+    state = ProcessingState.objects.filter(name=PUNCH_STATE_NAME).first()
+    floor = _punch_floor(state.recent_runs, margin=settings.LATE_COMMIT_MARGIN) if state else 0
+    punches = RawAttendance.objects.filter(pk__gt=floor, delivery__isnull=True, is_suspect=False)
+    sync_from = settings.CRM_SYNC_FROM
+    if sync_from is not None:
+        since = Q(pk__in=[])
+        for device_id, zone in Device.objects.values_list("pk", "timezone"):
+            start = datetime.datetime.combine(sync_from, datetime.time(), tzinfo=ZoneInfo(zone))
+            since |= Q(device_id=device_id, timestamp__gte=start)
+        punches = punches.filter(since)
+    fields = [name.removeprefix("raw__") for name in _PUNCH_FIELDS if name.startswith("raw__")]
+    return [
+        {"pk": row["pk"], "version": 1, "resend_count": 0}
+        | {f"raw__{name}": row[name] for name in fields}
+        for row in punches.order_by("device_id", "pk").values("pk", *fields)[:limit]
+    ]
 
 
 @dataclass

@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from core.crm import CrmError, crm_preview, crm_punch_sync, crm_sync
+from core.crm import CrmError, crm_preview, crm_punch_preview, crm_punch_sync, crm_sync
 
 
 def positive(value: str) -> int:
@@ -30,16 +30,22 @@ class Command(BaseCommand):
             "--dry-run",
             action="store_true",
             help=(
-                "Print the first request of daily records it would send; send nothing, "
-                "change nothing (raw punches are not previewed)."
+                "Print the first request of daily records it would send, and with "
+                "CRM_PUNCHES_URL set the first of raw punches; send nothing, change nothing."
             ),
         )
 
     def handle(self, *args, limit=None, dry_run=False, **options):
         try:
             if dry_run:
-                request = crm_preview()
-                self.stdout.write(request or "Nothing is due: no request would be sent.")
+                if settings.CRM_API_URL or not settings.CRM_PUNCHES_URL:
+                    request = crm_preview()
+                    self.stdout.write(request or "Nothing is due: no request would be sent.")
+                if settings.CRM_PUNCHES_URL:
+                    request = crm_punch_preview()
+                    self.stdout.write(
+                        request or "No raw punch is due: no request would be sent to it."
+                    )
                 return
             stopped = []
             if settings.CRM_API_URL or not settings.CRM_PUNCHES_URL:
