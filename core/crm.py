@@ -54,7 +54,7 @@ from zoneinfo import ZoneInfo
 import requests
 from django.conf import settings
 from django.db import connection, connections, transaction
-from django.db.models import Count, DateTimeField, F, Func, Max, Q
+from django.db.models import Count, DateTimeField, F, Func, Max, Min, Q
 from django.utils import timezone
 
 from core.models import (
@@ -1401,6 +1401,8 @@ def _async_commit():
 # --- Raw punches: which are new ----------------------------------------------------------
 
 PUNCH_STATE_NAME = "crm_punches"
+# Raw punch ids registered per statement.
+REGISTER_CHUNK_IDS = 50_000
 
 
 def crm_punch_sync(
@@ -1409,11 +1411,13 @@ def crm_punch_sync(
     destination: Destination | None = None,
     batch_size: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SyncResult:
     """Delivers raw punches to CRM_PUNCHES_URL: registers the punches stored
-    since the last run (_punches_register), then sends the due ones, one
-    device per request, with the batching, retries, claims and log of
-    crm_sync. At most `limit` punches (default: those due at the start).
+    since the last run (_punches_register, reporting to `progress`), then
+    sends the due ones, one device per request, with the batching, retries,
+    claims and log of crm_sync. At most `limit` punches (default: those due at
+    the start).
 
     Idempotent: a punch is registered once (its delivery row's key is the
     punch's), and delivered as crm_sync delivers a row, so it goes once even
@@ -1429,7 +1433,7 @@ def crm_punch_sync(
     try:
         _prune_log()
         _retry_failed(PunchDelivery)
-        result.registered = _punches_register(sync_from=config.sync_from)
+        result.registered = _punches_register(sync_from=config.sync_from, progress=progress)
         _run(PUNCHES, destination=destination, config=config, limit=limit, result=result)
     finally:
         if own_destination:
@@ -1451,10 +1455,19 @@ def _punch_floor(runs: list[list], *, margin: datetime.timedelta) -> int:
     return floor
 
 
-def _punches_register(*, sync_from: datetime.date | None) -> int:
+def _punches_register(
+    *,
+    sync_from: datetime.date | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
     """Gives each raw punch not yet registered its delivery row (pending, or held
     when suspect); returns how many. Punches before CRM_SYNC_FROM (a local date
-    on their device) are never registered.
+    on their device) are never registered. `progress(ids read, ids to read)` is
+    called after each chunk of REGISTER_CHUNK_IDS ids.
+
+    A first registration reads every stored punch (years, when CRM_SYNC_FROM
+    is not set): one INSERT … SELECT per chunk, so no punch passes through
+    Python and each statement's work is bounded, in one transaction.
 
     Which punches can be new: ids only grow, but a poll can commit after a
     later poll's, so a run may read past an id not yet visible. A poll commits
@@ -1478,11 +1491,23 @@ def _punches_register(*, sync_from: datetime.date | None) -> int:
             ProcessingState.objects.get_or_create(name=PUNCH_STATE_NAME)
         state = ProcessingState.objects.select_for_update().get(name=PUNCH_STATE_NAME)
         floor = _punch_floor(state.recent_runs, margin=margin)
-        top = RawAttendance.objects.filter(pk__gt=floor).aggregate(top=Max("pk"))["top"]
+        bounds = RawAttendance.objects.filter(pk__gt=floor).aggregate(low=Min("pk"), top=Max("pk"))
+        top = bounds["top"]
         stamped = timezone.now()
         registered = 0
         if top is not None:
-            registered = _insert_deliveries(above=floor, up_to=top, sync_from=sync_from)
+            if connection.vendor == "postgresql":
+                # Each chunk's foreign key checks run at the end of its statement:
+                # deferred, PostgreSQL would queue one per row until the commit.
+                with connection.cursor() as cursor:
+                    cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            # Bounded statements: a first registration reads every stored punch.
+            first = bounds["low"] - 1
+            for start in range(first, top, REGISTER_CHUNK_IDS):
+                end = min(start + REGISTER_CHUNK_IDS, top)
+                registered += _insert_deliveries(above=start, up_to=end, sync_from=sync_from)
+                if progress is not None:
+                    progress(end - first, top - first)
         top = max(top or 0, state.last_raw_id)
         runs = [*state.recent_runs, [stamped.isoformat(), top]]
         # The next registration needs the newest run stamped a margin before this one.

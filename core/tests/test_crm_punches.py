@@ -355,3 +355,35 @@ def test_sync_to_crm_dry_run_previews_the_first_punch_request_and_changes_nothin
 def test_sync_to_crm_dry_run_says_when_no_punch_would_go(crm, door, capsys):
     call_command("sync_to_crm", dry_run=True)
     assert "No raw punch is due" in capsys.readouterr().out
+
+
+def test_a_registration_reads_in_chunks_and_reports_its_progress(crm, door, monkeypatch):
+    monkeypatch.setattr("core.crm.REGISTER_CHUNK_IDS", 2)
+    for minute in range(5):
+        punch(door, "1001", f"2026-11-02 08:0{minute}")
+    seen = []
+    with time_machine.travel(START, tick=False):
+        result = crm_punch_sync(progress=lambda done, total: seen.append((done, total)))
+    assert (result.registered, result.sent) == (5, 5)
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert len(crm.punches()) == 5
+
+
+def test_sync_to_crm_shows_the_registration_progress_on_a_terminal(crm, door, settings):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    settings.CRM_API_URL = ""
+    punch(door, "1001", "2026-11-02 08:00")
+    punch(door, "1001", "2026-11-02 17:00")
+    terminal, pipe = Terminal(), io.StringIO()
+    with time_machine.travel(START, tick=False):
+        call_command("sync_to_crm", stdout=terminal)
+    assert "\rraw punches: registering, 2 of 2 punch ids read\n" in terminal.getvalue()
+    punch(door, "1001", "2026-11-02 18:00")
+    with time_machine.travel(START + M, tick=False):
+        call_command("sync_to_crm", stdout=pipe)
+    assert "registering" not in pipe.getvalue() and "raw punches: sent 1" in pipe.getvalue()

@@ -35,6 +35,20 @@ class Command(BaseCommand):
             ),
         )
 
+    def _progress(self):
+        """On a terminal, a line that counts the punch ids a registration has read."""
+        if not self.stdout.isatty():
+            return None
+
+        def show(done: int, total: int) -> None:
+            end = "\n" if done >= total else ""
+            self.stdout.write(
+                f"\rraw punches: registering, {done:,} of {total:,} punch ids read", ending=end
+            )
+            self.stdout.flush()
+
+        return show
+
     def handle(self, *args, limit=None, dry_run=False, **options):
         try:
             if dry_run:
@@ -55,7 +69,7 @@ class Command(BaseCommand):
                 if result.stopped:
                     stopped.append(f"daily records: {result.stopped}")
             if settings.CRM_PUNCHES_URL:
-                punches = crm_punch_sync(limit=limit)
+                punches = crm_punch_sync(limit=limit, progress=self._progress())
                 for line in punches.lines():
                     self.stdout.write(f"raw punches: {line}")
                 if punches.stopped:
