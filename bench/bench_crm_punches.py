@@ -76,6 +76,8 @@ def main() -> None:
     from core.models import PunchDelivery
 
     load(args.punches)
+    # A backend of its own: the load's VACUUM leaves memory behind in this one.
+    connection.close()
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()
