@@ -15,8 +15,10 @@ class Command(BaseCommand):
     help = (
         "Sends the daily records the CRM does not hold at their latest version, and "
         "with CRM_PUNCHES_URL set the raw punches not sent yet (see docs/crm-contract.md). Runs with the server's own rights; the admin's "
-        "Resend to the CRM (permission core.resend_processedattendance) and Reset failed "
-        "deliveries (core.reset_failed_processedattendance) only make days due for it."
+        "Resend to the CRM (permission core.resend_processedattendance, and "
+        "core.resend_punchdelivery on raw punch deliveries) and Reset failed deliveries "
+        "(core.reset_failed_processedattendance, core.reset_failed_punchdelivery) only make "
+        "days and punches due for it."
     )
 
     def add_arguments(self, parser):
