@@ -317,6 +317,12 @@ def employees_store(*, device: Device, users: Iterable[DeviceUser]) -> int:
 
 
 def client_for(device: Device) -> DeviceClient:
+    """Raises DeviceError for a device without an IP address: it pushes (core.adms)."""
+    if not device.ip_address:
+        raise DeviceError(
+            f"{device.name} has no IP address: it pushes its punches (Cloud server) and "
+            "cannot be polled or reached from here"
+        )
     return DeviceClient(
         host=device.ip_address,
         port=device.port,
@@ -498,8 +504,13 @@ def _poll_in_thread(device: Device, force_full: bool) -> PollResult:
 def devices_poll(
     *, devices: Iterable[Device] | None = None, force_full: bool = False, workers: int = 4
 ) -> list[PollResult]:
-    """Polls several devices side by side; a slow or failing one does not hold up the rest."""
-    devices = list(Device.objects.filter(enabled=True) if devices is None else devices)
+    """Polls several devices side by side; a slow or failing one does not hold up the rest.
+
+    Devices without an IP address push their punches (core.adms) and are skipped.
+    """
+    if devices is None:
+        devices = Device.objects.filter(enabled=True)
+    devices = [device for device in devices if device.ip_address]
     if not devices:
         return []
     if len(devices) == 1 or workers <= 1 or connection.vendor == "sqlite":
