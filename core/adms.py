@@ -25,6 +25,7 @@ import datetime
 import hashlib
 import ipaddress
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
@@ -33,7 +34,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from core.ingest import _rows, employees_store, latest_plausible, punches_store
-from core.models import Device, DeviceCommand, PushRejectedLine
+from core.models import Device, DeviceCommand, Employee, PushRejectedLine
 from core.zk.client import DeviceUser, Punch
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,13 @@ def _require_approved(device: Device) -> None:
             f"{UNKNOWN_DEVICE}: {device.serial_number} is not approved; enable it in the "
             "admin to accept its records.",
         )
+
+
+def push_down_after() -> datetime.timedelta:
+    """How long a pushing clock may stay silent before it counts as down: three
+    of its polls (Delay), or three retries after a failure (ErrorDelay)."""
+    seconds = 3 * max(settings.ADMS_DELAY_SECONDS, settings.ADMS_ERROR_DELAY_SECONDS)
+    return datetime.timedelta(seconds=seconds)
 
 
 # --- Handshake -------------------------------------------------------------------------
@@ -752,3 +760,69 @@ def device_command_queue(*, device: Device, command: str, created_by: str = "") 
             "commands. Polled clocks are managed with Poll now, Test connection and Sync clock."
         )
     return DeviceCommand.objects.create(device=device, command=command, created_by=created_by)
+
+
+@dataclass
+class QueueResult:
+    queued: list[DeviceCommand] = field(default_factory=list)
+    # One line per device or employee that got no command, saying why.
+    refused: list[str] = field(default_factory=list)
+
+
+def devices_command_queue(
+    *, devices: Iterable[Device], kind: str, created_by: str = "", **values
+) -> QueueResult:
+    """Queues one kind of command (see command_text) for each device.
+
+    Devices that have never pushed get none and are named in `refused`.
+    Not idempotent by design (see device_command_queue). Raises CommandRefused
+    when the kind or its values are not acceptable, before queueing anything.
+    """
+    command = command_text(kind, **values)
+    result = QueueResult()
+    for device in devices:
+        try:
+            result.queued.append(
+                device_command_queue(device=device, command=command, created_by=created_by)
+            )
+        except CommandRefused as exc:
+            result.refused.append(str(exc))
+    return result
+
+
+def employees_command_queue(
+    *, employees: Iterable[Employee], delete: bool, created_by: str = ""
+) -> QueueResult:
+    """Queues, for each employee, DATA UPDATE USERINFO (their user ID, name,
+    privilege and card) or DATA DELETE USERINFO on every enabled pushing clock
+    they are linked to (Employee.devices).
+
+    Not idempotent by design: each call queues the commands again (the clock
+    applies an update or delete twice to the same end). Employees linked to no
+    pushing clock, or whose values cannot be sent, are named in `refused`.
+    """
+    result = QueueResult()
+    for employee in employees:
+        devices = [d for d in employee.devices.filter(enabled=True, first_seen_at__isnull=False)]
+        if not devices:
+            result.refused.append(f"{employee}: linked to no enabled pushing clock.")
+            continue
+        try:
+            if delete:
+                command = command_text("user_delete", user_id=employee.user_id)
+            else:
+                command = command_text(
+                    "user_update",
+                    user_id=employee.user_id,
+                    name=employee.name,
+                    privilege=employee.privilege,
+                    card=employee.card,
+                )
+        except CommandRefused as exc:
+            result.refused.append(f"{employee}: {exc}")
+            continue
+        for device in devices:
+            result.queued.append(
+                DeviceCommand.objects.create(device=device, command=command, created_by=created_by)
+            )
+    return result
