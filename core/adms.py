@@ -27,7 +27,6 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import unquote_plus
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -249,10 +248,13 @@ def _lines(body: bytes) -> list[bytes]:
 
 
 def _text(raw: bytes, encoding: str = "utf-8") -> str:
+    """Bytes as text to store: invalid bytes and NULs (which PostgreSQL text
+    cannot hold) become U+FFFD."""
     try:
-        return raw.decode(encoding)
+        text = raw.decode(encoding)
     except (UnicodeDecodeError, LookupError):
-        return raw.decode("utf-8", errors="replace")
+        text = raw.decode("utf-8", errors="replace")
+    return text.replace("\x00", "\ufffd")
 
 
 def _small_int(text: str, what: str) -> int:
@@ -336,7 +338,7 @@ def parse_user_line(raw: bytes, *, encoding: str) -> DeviceUser:
     for part in rest.split(b"\t"):
         if part.startswith(b"Name="):
             name_raw = part[5:]
-    name = _text(name_raw.strip(), encoding).replace("\x00", "")
+    name = _text(name_raw.strip(), encoding)
     name = "".join(ch for ch in name if ch.isprintable())[:100]
     try:
         privilege = _small_int(fields.get("Pri", ""), "privilege")
@@ -510,7 +512,7 @@ def _store_options(device: Device, options: dict[str, str]) -> None:
 
 def _heartbeat(device: Device, info: str) -> None:
     """getrequest's INFO: firmware, users, fingerprints, records, IP address, ..."""
-    parts = [part.strip() for part in unquote_plus(info).split(",")]
+    parts = [part.strip() for part in info.replace("\x00", "\ufffd").split(",")]
     fields: dict = {}
 
     def number(index: int) -> int | None:

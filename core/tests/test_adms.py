@@ -312,10 +312,15 @@ def test_operlog_users_become_employees_linked_to_the_device(clock, device):
 
 
 def test_garbage_bytes_in_a_user_name_spoil_that_name_only(clock, device):
-    body = b"USER PIN=1001\tName=An\xff\xfea\tPri=0\nUSER PIN=1002\tName=Bo\tPri=0\n"
-    assert upload(clock, "OPERLOG", body).content == b"OK: 2"
+    body = (
+        b"USER PIN=1001\tName=An\xff\xfea\tPri=0\n"
+        b"USER PIN=1002\tName=Bo\tPri=0\n"
+        b"USER PIN=1003\tName=C\x00y\tPri=0\n"
+    )
+    assert upload(clock, "OPERLOG", body).content == b"OK: 3"
     assert Employee.objects.get(user_id="1001").name == "An\ufffd\ufffda"
     assert Employee.objects.get(user_id="1002").name == "Bo"
+    assert Employee.objects.get(user_id="1003").name == "C\ufffdy"
 
 
 def test_a_name_in_the_devices_legacy_encoding_is_read_in_it(clock, device):
