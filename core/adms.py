@@ -403,7 +403,12 @@ def device_upload(
             received_at = timezone.now()
             counts = punches_store(device=device, rows=rows, received_at=received_at)
             _store_rejected(device, upper, result.rejected, received_at)
+            # The device list's last error tells of the last upload's bad lines
+            # (a clean upload clears it, unless a poll of the same clock set it).
             fields = {}
+            error = _rejected_error(result.rejected, upper)
+            if error or not device.ip_address:
+                fields["last_error"] = error
             if stamp:
                 fields["attlog_stamp"] = stamp
             if rows:
@@ -413,8 +418,7 @@ def device_upload(
                     # against the time it arrived, is the clock's drift.
                     fields["newest_record_at"] = newest
                     fields["clock_drift_seconds"] = (newest - received_at).total_seconds()
-            if fields:
-                Device.objects.filter(pk=device.pk).update(**fields)
+            Device.objects.filter(pk=device.pk).update(**fields)
         result.new = counts.new
         return result
     if upper == "OPERLOG":
@@ -442,6 +446,15 @@ def device_upload(
     # tables: acknowledged, or the clock would send them again forever.
     result.lines = 1 if upper == "ATTPHOTO" else len(_lines(body))
     return result
+
+
+def _rejected_error(rejected: list[Rejected], table: str) -> str:
+    if not rejected:
+        return ""
+    return (
+        f"{len(rejected)} {table} line(s) of the last upload could not be read "
+        f"(Rejected push lines), e.g.: {rejected[0].reason}"
+    )
 
 
 def _store_rejected(device: Device, table: str, rejected: list[Rejected], at: datetime.datetime):
@@ -560,7 +573,8 @@ def device_poll_commands(*, device: Device, info: str | None) -> str:
         return UNKNOWN_DEVICE + "\n"
     if info:
         _heartbeat(device, info)
-    commands_expire(device=device)
+    # Every clock's: one that stopped polling has its sent commands failed too.
+    commands_expire()
     queued = list(
         DeviceCommand.objects.filter(device=device, state=DeviceCommand.State.QUEUED)
         .order_by("pk")

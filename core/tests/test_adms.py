@@ -236,8 +236,13 @@ def test_bad_lines_are_kept_for_the_operator_and_the_rest_is_stored(clock, devic
     assert len(rejected) == 3
     assert "is not YYYY-MM-DD HH:MM:SS" in rejected["1002\tyesterday\t0\t1"]
     assert rejected["garbage"] == "no time"
+    device.refresh_from_db()
+    assert device.last_error.startswith("3 ATTLOG line(s) of the last upload could not be read")
     upload(clock, "ATTLOG", body)
     assert PushRejectedLine.objects.count() == 3
+    upload(clock, "ATTLOG", b"1001\t2026-11-23 08:00:05\t0\t1\t0\n")
+    device.refresh_from_db()
+    assert device.last_error == ""
 
 
 def test_punches_are_judged_by_the_same_suspect_rules_as_a_poll(clock, device):
@@ -546,3 +551,22 @@ def test_a_pushed_and_a_polled_copy_of_one_punch_are_stored_once(clock, zk_emula
     assert device_poll(device=device).ok
     assert upload(clock, "ATTLOG", b"1001\t2026-11-23 08:00:05\t0\t1\t0\n").content == b"OK: 1"
     assert RawAttendance.objects.filter(device=device).count() == 1
+
+
+def test_an_upload_costs_the_same_few_queries_whatever_its_size(clock, device):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def batch(count, day):
+        return b"".join(
+            f"{1000 + n}\t2026-11-{day:02d} 08:{n // 60 % 60:02d}:{n % 60:02d}\t0\t1\t0\n".encode()
+            for n in range(count)
+        )
+
+    handshake(clock)  # the first contact's writes are not the upload's
+    with CaptureQueriesContext(connection) as small:
+        assert upload(clock, "ATTLOG", batch(5, 20)).content == b"OK: 5"
+    with CaptureQueriesContext(connection) as large:
+        assert upload(clock, "ATTLOG", batch(3000, 21)).content == b"OK: 3000"
+    assert len(large) == len(small) <= 15
+    assert RawAttendance.objects.count() == 3005
