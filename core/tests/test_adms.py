@@ -570,3 +570,21 @@ def test_an_upload_costs_the_same_few_queries_whatever_its_size(clock, device):
         assert upload(clock, "ATTLOG", batch(3000, 21)).content == b"OK: 3000"
     assert len(large) == len(small) <= 15
     assert RawAttendance.objects.count() == 3005
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ADMS_ALLOWED_NETWORKS", "10.0.0.0/8,office", "must be CIDR networks such as"),
+        ("ADMS_AUTO_APPROVE", "sometimes", "ADMS_AUTO_APPROVE must be true or false"),
+        ("ADMS_DELAY_SECONDS", "0", "ADMS_DELAY_SECONDS must be at least 1, got 0"),
+        ("ADMS_COMMAND_TIMEOUT", "ten minutes", "ADMS_COMMAND_TIMEOUT must be a duration"),
+        ("ADMS_MAX_BODY_BYTES", "4MB", "ADMS_MAX_BODY_BYTES must be a whole number"),
+    ],
+)
+def test_bad_push_settings_stop_start_up_naming_the_variable(variable, value, message):
+    from core.tests.test_settings import load_settings
+
+    result = load_settings(**{variable: value})
+    assert result.returncode != 0
+    assert message in result.stderr
