@@ -58,9 +58,16 @@ class AdmsError(Exception):
     """
 
     def __init__(self, status: int, message: str):
-        assert "ok" not in message.lower(), message
-        super().__init__(message)
+        super().__init__(refusal_text(message))
         self.status = status
+
+
+def refusal_text(message: str) -> str:
+    """The message, or a plain one when it contains OK in any case (a value
+    from the request quoted in it, say): the clock must not read success."""
+    if "ok" in message.lower():
+        return "The request was refused."
+    return message
 
 
 # --- Who is calling --------------------------------------------------------------------
@@ -163,8 +170,8 @@ def _require_approved(device: Device) -> None:
     if not device.enabled:
         raise AdmsError(
             403,
-            f"{UNKNOWN_DEVICE}: {device.serial_number} is not approved; enable it in the "
-            "admin to accept its records.",
+            f"{UNKNOWN_DEVICE}: this serial number is not approved; enable its device in "
+            "the admin to accept its records.",
         )
 
 
@@ -273,7 +280,8 @@ def parse_attlog_line(raw: bytes) -> Punch:
     """One ATTLOG line: PIN, local time, status, verify, work code and any
     further fields, tab-separated (spaces tolerated). Raises ValueError saying
     what is wrong."""
-    text = raw.decode("utf-8", errors="strict").strip()
+    # Tabs are kept at the ends: an empty first field is an empty PIN.
+    text = raw.decode("utf-8", errors="strict").strip(" \r\n")
     if "\t" in text:
         fields = text.split("\t")
         pin, moment, rest = (
@@ -414,10 +422,12 @@ def device_upload(
             if rows:
                 newest = max(row[1] for row in rows)
                 if device.newest_record_at is None or newest > device.newest_record_at:
-                    # Live punches come at once (Realtime=1): the newest one,
-                    # against the time it arrived, is the clock's drift.
                     fields["newest_record_at"] = newest
-                    fields["clock_drift_seconds"] = (newest - received_at).total_seconds()
+            if len(rows) == 1:
+                # With Realtime=1 a live punch comes alone, at once: its time
+                # against its arrival is the clock's drift. A backlog comes in
+                # larger batches, of punches taken long before.
+                fields["clock_drift_seconds"] = (rows[0][1] - received_at).total_seconds()
             Device.objects.filter(pk=device.pk).update(**fields)
         result.new = counts.new
         return result

@@ -30,8 +30,7 @@ def _reply(text: str, status: int = 200) -> HttpResponse:
 
 
 def _refuse(status: int, message: str) -> HttpResponse:
-    assert "ok" not in message.lower(), message
-    return _reply(message + "\n", status)
+    return _reply(adms.refusal_text(message) + "\n", status)
 
 
 def _body(request: HttpRequest) -> bytes | None:

@@ -227,19 +227,21 @@ def test_bad_lines_are_kept_for_the_operator_and_the_rest_is_stored(clock, devic
         b"1002\tyesterday\t0\t1\n"
         b"\xff\xfe\t2026-11-23 08:00:00\n"
         b"garbage\n"
+        b"\t2026-11-23 08:06:00\t0\t1\t0\n"
         b"1003\t2026-11-23 08:05:00\t0\t1\t0\n"
     )
     response = upload(clock, "ATTLOG", body)
-    assert response.content == b"OK: 5"
+    assert response.content == b"OK: 6"
     assert set(RawAttendance.objects.values_list("user_id", flat=True)) == {"1001", "1003"}
     rejected = {line.line: line.reason for line in PushRejectedLine.objects.all()}
-    assert len(rejected) == 3
+    assert len(rejected) == 4
+    assert rejected["\t2026-11-23 08:06:00\t0\t1\t0"] == "no user ID (PIN)"
     assert "is not YYYY-MM-DD HH:MM:SS" in rejected["1002\tyesterday\t0\t1"]
     assert rejected["garbage"] == "no time"
     device.refresh_from_db()
-    assert device.last_error.startswith("3 ATTLOG line(s) of the last upload could not be read")
+    assert device.last_error.startswith("4 ATTLOG line(s) of the last upload could not be read")
     upload(clock, "ATTLOG", body)
-    assert PushRejectedLine.objects.count() == 3
+    assert PushRejectedLine.objects.count() == 4
     upload(clock, "ATTLOG", b"1001\t2026-11-23 08:00:05\t0\t1\t0\n")
     device.refresh_from_db()
     assert device.last_error == ""
@@ -527,6 +529,11 @@ def test_upload_of_a_live_punch_sets_the_clock_drift(clock, device):
     device.refresh_from_db()
     assert 110 < device.clock_drift_seconds < 125
     assert device.newest_record_at == datetime.datetime(2026, 11, 23, 2, 32, tzinfo=UTC)
+    # A backlog of older punches says nothing about the clock.
+    upload(clock, "ATTLOG", b"1002\t2026-11-22 17:00:00\t1\t1\n1003\t2026-11-22 17:05:00\t1\t1\n")
+    device.refresh_from_db()
+    assert 110 < device.clock_drift_seconds < 125
+    assert device.newest_record_at == datetime.datetime(2026, 11, 23, 2, 32, tzinfo=UTC)
 
 
 def test_devices_without_an_ip_address_are_not_polled(device):
@@ -588,3 +595,10 @@ def test_bad_push_settings_stop_start_up_naming_the_variable(variable, value, me
     result = load_settings(**{variable: value})
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_a_refusal_never_says_ok_even_for_a_serial_that_contains_it(clock):
+    handshake(clock, serial="BOOK-OK-1")
+    response = upload(clock, "ATTLOG", BATCH, serial="BOOK-OK-1")
+    assert_refused(response, 403)
+    assert adms.refusal_text("Serial BOOK1 refused") == "The request was refused."
