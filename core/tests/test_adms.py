@@ -602,3 +602,15 @@ def test_a_refusal_never_says_ok_even_for_a_serial_that_contains_it(clock):
     response = upload(clock, "ATTLOG", BATCH, serial="BOOK-OK-1")
     assert_refused(response, 403)
     assert adms.refusal_text("Serial BOOK1 refused") == "The request was refused."
+
+
+def test_poll_devices_and_test_device_skip_clocks_that_push(device, capsys):
+    from django.core.management import call_command
+
+    Device.objects.filter(pk=device.pk).update(enabled=True)
+    call_command("poll_devices")
+    assert "No enabled devices to poll" in capsys.readouterr().out
+    call_command("poll_devices", "--device", "Gate")
+    assert "has no IP address, it pushes its punches; skipped" in capsys.readouterr().out
+    call_command("test_device", "--all")
+    assert "Gate" not in capsys.readouterr().out
