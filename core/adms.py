@@ -306,6 +306,9 @@ def parse_attlog_line(raw: bytes) -> Punch:
         timestamp = datetime.datetime.strptime(moment, "%Y-%m-%d %H:%M:%S")
     except ValueError:
         raise ValueError(f"time {moment[:40]!r} is not YYYY-MM-DD HH:MM:SS") from None
+    if not 1900 <= timestamp.year <= 2199:
+        # Far outside what a clock can hold; year 1 would not even convert to UTC.
+        raise ValueError(f"year {timestamp.year} is out of range")
     status = _small_int(rest[0], "status") if rest else 0
     verify = _small_int(rest[1], "verify type") if len(rest) > 1 else 0
     # As a poll stores it: the status byte is the verification method, the
@@ -327,9 +330,10 @@ def _card(text: str) -> int:
     if text.startswith("[") and text.endswith("]"):
         try:
             # [hhhhhhhh]: the card number's bytes, least significant first.
-            return int.from_bytes(bytes.fromhex(text[1:-1]), "little")
+            number = int.from_bytes(bytes.fromhex(text[1:-1]), "little")
         except ValueError:
             return 0
+        return number if number < 2**63 else 0
     return int(text) if text.isdigit() and len(text) < 19 else 0
 
 

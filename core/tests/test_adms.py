@@ -228,20 +228,22 @@ def test_bad_lines_are_kept_for_the_operator_and_the_rest_is_stored(clock, devic
         b"\xff\xfe\t2026-11-23 08:00:00\n"
         b"garbage\n"
         b"\t2026-11-23 08:06:00\t0\t1\t0\n"
+        b"1004\t0001-01-01 00:00:00\t0\t1\t0\n"
         b"1003\t2026-11-23 08:05:00\t0\t1\t0\n"
     )
     response = upload(clock, "ATTLOG", body)
-    assert response.content == b"OK: 6"
+    assert response.content == b"OK: 7"
     assert set(RawAttendance.objects.values_list("user_id", flat=True)) == {"1001", "1003"}
     rejected = {line.line: line.reason for line in PushRejectedLine.objects.all()}
-    assert len(rejected) == 4
+    assert len(rejected) == 5
+    assert rejected["1004\t0001-01-01 00:00:00\t0\t1\t0"] == "year 1 is out of range"
     assert rejected["\t2026-11-23 08:06:00\t0\t1\t0"] == "no user ID (PIN)"
     assert "is not YYYY-MM-DD HH:MM:SS" in rejected["1002\tyesterday\t0\t1"]
     assert rejected["garbage"] == "no time"
     device.refresh_from_db()
-    assert device.last_error.startswith("4 ATTLOG line(s) of the last upload could not be read")
+    assert device.last_error.startswith("5 ATTLOG line(s) of the last upload could not be read")
     upload(clock, "ATTLOG", body)
-    assert PushRejectedLine.objects.count() == 4
+    assert PushRejectedLine.objects.count() == 5
     upload(clock, "ATTLOG", b"1001\t2026-11-23 08:00:05\t0\t1\t0\n")
     device.refresh_from_db()
     assert device.last_error == ""
@@ -323,11 +325,14 @@ def test_garbage_bytes_in_a_user_name_spoil_that_name_only(clock, device):
         b"USER PIN=1001\tName=An\xff\xfea\tPri=0\n"
         b"USER PIN=1002\tName=Bo\tPri=0\n"
         b"USER PIN=1003\tName=C\x00y\tPri=0\n"
+        b"USER PIN=1004\tName=Di\tPri=99999\tCard=[FFFFFFFFFFFFFFFFFF]\n"
     )
-    assert upload(clock, "OPERLOG", body).content == b"OK: 3"
+    assert upload(clock, "OPERLOG", body).content == b"OK: 4"
     assert Employee.objects.get(user_id="1001").name == "An\ufffd\ufffda"
     assert Employee.objects.get(user_id="1002").name == "Bo"
     assert Employee.objects.get(user_id="1003").name == "C\ufffdy"
+    di = Employee.objects.get(user_id="1004")
+    assert (di.privilege, di.card) == (0, 0)
 
 
 def test_a_name_in_the_devices_legacy_encoding_is_read_in_it(clock, device):
