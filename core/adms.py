@@ -48,6 +48,8 @@ SERVER_VERSION = "2.2.14"
 MAX_COMMANDS_PER_REPLY = 200
 MAX_REPLY_BYTES = 40_000
 USER_ID_MAX = 24
+# Options kept per device (INFO results, table=options).
+MAX_OPTIONS = 300
 
 
 class AdmsError(Exception):
@@ -525,11 +527,14 @@ def _store_options(device: Device, options: dict[str, str]) -> None:
         if not value:
             continue
         if kind is int:
-            if value.isdigit():
+            if value.isdigit() and len(value) < 10:
                 fields[name] = int(value)
         else:
             fields[name] = value[: Device._meta.get_field(name).max_length]
-    merged = {**device.push_options, **{k[:64]: v[:500] for k, v in options.items()}}
+    # Bounded: a clock's options are a few dozen; a body of garbage is not kept whole.
+    received = dict(list(options.items())[:MAX_OPTIONS])
+    merged = {**device.push_options, **{k[:64]: v[:500] for k, v in received.items()}}
+    merged = dict(list(merged.items())[:MAX_OPTIONS])
     fields["push_options"] = merged
     Device.objects.filter(pk=device.pk).update(**fields)
 

@@ -619,3 +619,17 @@ def test_poll_devices_and_test_device_skip_clocks_that_push(device, capsys):
     assert "has no IP address, it pushes its punches; skipped" in capsys.readouterr().out
     call_command("test_device", "--all")
     assert "Gate" not in capsys.readouterr().out
+
+
+def test_an_info_result_with_absurd_values_is_booked_and_kept_bounded(clock, device):
+    command = queue(device, "info")
+    clock.get("/iclock/getrequest", {"SN": SN})
+    lines = [f"ID={command.pk}&Return=0&CMD=INFO", "UserCount=99999999999999999999"]
+    lines += [f"Key{n}=value" for n in range(1000)]
+    response = results(clock, "\n".join(lines).encode())
+    assert response.content == b"OK"
+    device.refresh_from_db()
+    assert device.user_count is None
+    assert len(device.push_options) == adms.MAX_OPTIONS
+    command.refresh_from_db()
+    assert command.state == "done"
