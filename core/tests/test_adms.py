@@ -633,3 +633,24 @@ def test_an_info_result_with_absurd_values_is_booked_and_kept_bounded(clock, dev
     assert len(device.push_options) == adms.MAX_OPTIONS
     command.refresh_from_db()
     assert command.state == "done"
+
+
+def test_pushed_punches_become_a_day_like_polled_ones(clock, device):
+    from core.models import ProcessedAttendance
+    from core.processing import attendance_process
+
+    upload(clock, "OPERLOG", b"USER PIN=1001\tName=Ana\tPri=0\n")
+    upload(
+        clock,
+        "ATTLOG",
+        b"1001\t2026-11-22 08:02:00\t0\t1\t0\n1001\t2026-11-22 17:05:00\t1\t1\t0\n",
+    )
+    assert attendance_process().rows_created == 1
+    day = ProcessedAttendance.objects.get(user_id="1001")
+    assert (day.work_date, day.clock_in, day.clock_out, day.employee.name) == (
+        datetime.date(2026, 11, 22),
+        datetime.datetime(2026, 11, 22, 2, 32, tzinfo=UTC),
+        datetime.datetime(2026, 11, 22, 11, 35, tzinfo=UTC),
+        "Ana",
+    )
+    assert day.clock_in_device == device
