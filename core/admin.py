@@ -11,7 +11,12 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from core.admin_adms import PushDeviceActions, PushEmployeeActions, push_health
+from core.admin_adms import (
+    ConnectionFilter,
+    PushDeviceActions,
+    PushEmployeeActions,
+    push_health,
+)
 from core.crm import crm_resend, crm_reset_failed
 from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
 from core.models import DeliveryLog, Device, Employee, ProcessedAttendance, RawAttendance
@@ -96,7 +101,7 @@ class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
         "clock_drift",
         "short_error",
     ]
-    list_filter = ["enabled", "protocol"]
+    list_filter = ["enabled", "protocol", ConnectionFilter]
     search_fields = ["name", "ip_address", "serial_number"]
     actions = ["poll_now", "test_connection", "sync_clock", *PushDeviceActions.push_actions]
     readonly_fields = [

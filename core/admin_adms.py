@@ -47,6 +47,29 @@ def _report(modeladmin, request, result: adms.QueueResult) -> None:
         modeladmin.message_user(request, line, messages.WARNING)
 
 
+class ConnectionFilter(admin.SimpleListFilter):
+    """Polled clocks, clocks that push, and new ones waiting for approval."""
+
+    title = "connection"
+    parameter_name = "connection"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("polled", "Polled (has an IP address)"),
+            ("push", "Pushes (Cloud server)"),
+            ("waiting", "Pushes, waiting for approval"),
+        ]
+
+    def queryset(self, request, queryset):
+        if self.value() == "polled":
+            return queryset.filter(ip_address__isnull=False)
+        if self.value() == "push":
+            return queryset.filter(first_seen_at__isnull=False)
+        if self.value() == "waiting":
+            return queryset.filter(first_seen_at__isnull=False, enabled=False)
+        return queryset
+
+
 class ReuploadForm(forms.Form):
     start = forms.DateField(
         label="From", help_text="The first day, on the clock's calendar (YYYY-MM-DD)."

@@ -86,7 +86,13 @@ class Device(models.Model):
         default=Encoding.UTF8,
         help_text="How the clock writes user names; a name that is not valid in it is reported.",
     )
-    enabled = models.BooleanField(default=True, help_text="Disabled devices are not polled.")
+    enabled = models.BooleanField(
+        default=True,
+        help_text=(
+            "Disabled devices are not polled; a disabled clock that pushes is refused and "
+            "keeps its records until it is enabled (approved)."
+        ),
+    )
     # Outlier rule overrides for everyone punching on this device (a warehouse
     # with early shifts); empty means the WORK_START_TIME / WORK_END_TIME settings.
     work_start_time = models.TimeField(null=True, blank=True)

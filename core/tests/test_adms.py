@@ -118,6 +118,21 @@ def test_handshake_delay_options_come_from_settings(clock, device, settings):
     assert (sent["Delay"], sent["ErrorDelay"], sent["TransInterval"]) == ("20", "120", "5")
 
 
+def test_handshakes_either_side_of_a_dst_change_send_the_offset_of_their_moment(clock):
+    DeviceFactory(
+        name="Lisbon",
+        ip_address=None,
+        serial_number="LIS1",
+        timezone="Europe/Lisbon",
+        first_seen_at=NOW,
+    )
+    # Lisbon leaves summer time (UTC+1) at 01:00 UTC on 25 October 2026.
+    with time_machine.travel(datetime.datetime(2026, 10, 25, 0, 59, tzinfo=UTC)):
+        assert options(handshake(clock, serial="LIS1"))["TimeZone"] == "1"
+    with time_machine.travel(datetime.datetime(2026, 10, 25, 1, 1, tzinfo=UTC)):
+        assert options(handshake(clock, serial="LIS1"))["TimeZone"] == "0"
+
+
 def test_new_device_gets_stamps_of_zero_and_legacy_firmware_gets_legacy_names(clock, device):
     sent = options(clock.get("/iclock/cdata", {"SN": SN, "options": "all"}))
     assert sent["Stamp"] == "0" and sent["OpStamp"] == "0"

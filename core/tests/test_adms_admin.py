@@ -222,6 +222,10 @@ def test_a_pushing_device_shows_up_down_records_and_drift_in_the_device_list(
     assert "clock 2 hours behind" in text or "clock 150 minutes behind" in text
     assert "the database was unavailable" in text
     assert silent.name in text and waiting.name in text
+    waiting_list = staff_client("core.view_device").get(
+        reverse("admin:core_device_changelist") + "?connection=waiting"
+    )
+    assert [d.name for d in waiting_list.context["cl"].result_list] == ["New"]
 
 
 def test_a_device_without_an_ip_address_can_be_saved_from_the_admin(staff_client):
