@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from core import ops_views
 from core.views import ProcessedAttendanceChanges
 
 urlpatterns = [
@@ -15,4 +16,9 @@ urlpatterns = [
         ProcessedAttendanceChanges.as_view(),
         name="processed-attendance-changes",
     ),
+    # Reports and the audit log (core/api/urls_reports.py).
+    path("api/", include("core.api.urls_reports")),
+    # Operations (docs/operations.md): open health check, token-protected metrics.
+    path("health/", ops_views.health, name="health"),
+    path("metrics", ops_views.metrics, name="metrics"),
 ]

@@ -11,12 +11,15 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
+# The Timesheets page and the audit log's admin register themselves there.
+from core import admin_reports  # noqa: F401
 from core.admin_adms import (
     ConnectionFilter,
     PushDeviceActions,
     PushEmployeeActions,
     push_health,
 )
+from core.audit import audit_changes, audit_clock_set
 from core.crm import crm_resend, crm_reset_failed
 from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
 from core.models import DeliveryLog, Device, Employee, ProcessedAttendance, RawAttendance
@@ -282,7 +285,9 @@ class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
     @admin.action(description="Poll now", permissions=["poll_device"])
     def poll_now(self, request, queryset):
         for result in devices_poll(devices=queryset):
-            if not result.ok:
+            if result.busy:
+                level = messages.WARNING
+            elif not result.ok:
                 level = messages.ERROR
             else:
                 level = messages.WARNING if result.warnings else messages.SUCCESS
@@ -313,6 +318,7 @@ class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
             except DeviceError as exc:
                 self.message_user(request, f"{device.name}: {exc}", messages.ERROR)
             else:
+                audit_clock_set(actor=request.user, device=device, set_to=local_now)
                 self.message_user(
                     request,
                     f"{device.name}: clock set to {local_now:%Y-%m-%d %H:%M:%S} ({device.timezone})",
@@ -479,12 +485,17 @@ class RawAttendanceAdmin(admin.ModelAdmin):
         count = queryset.count()  # before the update: a filter on the verdict would change it
         if form.is_bound and form.is_valid():
             try:
-                written = punches_judge(
+                with audit_changes(
+                    actor=request.user,
+                    action="punches_judge",
                     ids=queryset.values_list("pk", flat=True),
-                    suspect=suspect,
-                    reason=form.cleaned_data["reason"],
-                    user=request.user,
-                )
+                ) as ids:
+                    written = punches_judge(
+                        ids=ids,
+                        suspect=suspect,
+                        reason=form.cleaned_data["reason"],
+                        user=request.user,
+                    )
             except ValueError as exc:
                 form.add_error("reason", str(exc))
             else:
@@ -765,12 +776,13 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if {"clock_in", "clock_out"} & set(form.changed_data):
-            edited = attendance_edit(
-                record_id=obj.pk,
-                clock_in=form.cleaned_data["clock_in"],
-                clock_out=form.cleaned_data["clock_out"],
-                user=request.user,
-            )
+            with audit_changes(actor=request.user, action="attendance_edit", ids=[obj.pk]):
+                edited = attendance_edit(
+                    record_id=obj.pk,
+                    clock_in=form.cleaned_data["clock_in"],
+                    clock_out=form.cleaned_data["clock_out"],
+                    user=request.user,
+                )
             obj.__dict__.update(edited.__dict__)
 
     def has_add_permission(self, request):
@@ -821,14 +833,22 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Mark reviewed", permissions=["change"])
     def mark_reviewed(self, request, queryset):
-        count = attendance_mark_reviewed(
-            ids=queryset.values_list("pk", flat=True), user=request.user
-        )
+        with audit_changes(
+            actor=request.user,
+            action="attendance_mark_reviewed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = attendance_mark_reviewed(ids=ids, user=request.user)
         self.message_user(request, f"{count} day(s) marked reviewed.", messages.SUCCESS)
 
     @admin.action(description="Discard HR edits and recompute from punches", permissions=["change"])
     def discard_edits(self, request, queryset):
-        result = attendance_discard_edits(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="attendance_discard_edits",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            result = attendance_discard_edits(ids=ids)
         self.message_user(request, f"Edits discarded: {result.summary()}", messages.SUCCESS)
 
     @admin.display(description="delivery error")
@@ -843,7 +863,10 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resend to the CRM", permissions=["resend_processedattendance"])
     def resend(self, request, queryset):
-        count = crm_resend(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user, action="crm_resend", ids=queryset.values_list("pk", flat=True)
+        ) as ids:
+            count = crm_resend(ids=ids)
         self.message_user(
             request,
             f"{count} day(s) due for delivery again; the next sync_to_crm run sends them.",
@@ -855,7 +878,12 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
         permissions=["reset_failed_processedattendance"],
     )
     def reset_failed(self, request, queryset):
-        count = crm_reset_failed(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="crm_reset_failed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_reset_failed(ids=ids)
         self.message_user(
             request,
             f"{count} failed day(s) due for delivery again; the next sync_to_crm run sends "

@@ -55,6 +55,7 @@ from django.db import connection, transaction
 from django.db.models import Count, F, Max
 from django.utils import timezone
 
+from core import metrics
 from core.models import (
     DeliveryLog,
     Device,
@@ -895,6 +896,7 @@ def _deliver(
         return records
     claimed = queue.model.objects.filter(delivery_key=key)
     envelope = queue.envelope(rows)
+    before = (result.sent, result.failed, result.rejected, result.requests)
     outcome, answer, attempts, why, log = _request(
         destination, records=records, key=key, config=config, result=result, envelope=envelope
     )
@@ -942,7 +944,42 @@ def _deliver(
             queue=queue,
             envelope=envelope,
         )
+    _count_batch(queue, key=key, records=len(records), before=before, result=result)
     return records
+
+
+def _count_batch(
+    queue: _Queue, *, key: str, records: int, before: tuple[int, ...], result: SyncResult
+) -> None:
+    """The batch's log line, and its outcomes added to the totals of /metrics."""
+    sent, failed, rejected, requests = (
+        now - then
+        for now, then in zip(
+            (result.sent, result.failed, result.rejected, result.requests), before, strict=True
+        )
+    )
+    kind = "punch" if queue is PUNCHES else "daily"
+    logger.info(
+        "CRM delivery of a %s batch (key %s): %d records, %d sent, %d failed, %d rejected "
+        "in %d request(s)%s",
+        kind,
+        key[:12],
+        records,
+        sent,
+        failed,
+        rejected,
+        requests,
+        f"; stopped: {result.stopped}" if result.stopped else "",
+    )
+    name = metrics.DELIVERED_PUNCHES if queue is PUNCHES else metrics.DELIVERED_DAILY
+    with _bookkeeping():
+        metrics.counter_add(
+            counts=[
+                (name, 0, "sent", sent),
+                (name, 0, "failed", failed),
+                (name, 0, "rejected", rejected),
+            ]
+        )
 
 
 def _fail(
@@ -1056,6 +1093,7 @@ def crm_sync(
     destination: Destination | None = None,
     batch_size: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SyncResult:
     """Pushes due daily records to the CRM: pending rows, and failed rows whose
     retry time has come. At most `limit` rows (default: those due at the start).
@@ -1064,7 +1102,9 @@ def crm_sync(
     claim no other run can take, and a batch a dead run left behind goes again
     under its own idempotency key. Stops early, with `stopped` saying why, when
     the CRM is unavailable after retries or refuses the credentials (then no
-    row changes). Raises CrmConfigError when push is off or misconfigured.
+    row changes). `progress`, when given, is called with (records done, records
+    due) after each batch; each batch is logged and added to the delivery totals
+    of /metrics. Raises CrmConfigError when push is off or misconfigured.
     """
     started = time.monotonic()
     own_destination = destination is None
@@ -1074,7 +1114,14 @@ def crm_sync(
     try:
         _prune_log()
         crm_retry_failed()
-        _run(DAILY, destination=destination, config=config, limit=limit, result=result)
+        _run(
+            DAILY,
+            destination=destination,
+            config=config,
+            limit=limit,
+            result=result,
+            progress=progress,
+        )
     finally:
         if own_destination:
             destination.close()
@@ -1089,6 +1136,7 @@ def _run(
     config: _Config,
     limit: int | None,
     result: SyncResult,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Claims, sends and books due rows of `queue` until none is due, `limit` is
     reached or the CRM stops the run."""
@@ -1099,6 +1147,9 @@ def _run(
             queue.due(sync_from=config.sync_from).count()
             + model.objects.exclude(delivery_key="").count()
         )
+    total = budget
+    if progress is not None:
+        progress(0, total)
     # Batches a dead run left are taken first, once per run: they appear
     # only when a run dies, and looking for them costs a query.
     looking_for_stale = True
@@ -1143,6 +1194,8 @@ def _run(
                 queue=queue,
             )
             budget -= max(1, len(sent) - (result.superseded - superseded))
+            if progress is not None:
+                progress(result.sent + result.failed + result.rejected, total)
     finally:
         # Not sent: due again at once, for this run's successor or another run.
         keys = [key for key, _rows, _records in queued]
@@ -1161,6 +1214,7 @@ def crm_punch_sync(
     destination: Destination | None = None,
     batch_size: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SyncResult:
     """Delivers raw punches to CRM_PUNCHES_URL: registers the punches stored
     since the last run (_punches_register), then sends the due ones, one
@@ -1182,7 +1236,14 @@ def crm_punch_sync(
         _prune_log()
         _retry_failed(PunchDelivery)
         result.registered = _punches_register(sync_from=config.sync_from)
-        _run(PUNCHES, destination=destination, config=config, limit=limit, result=result)
+        _run(
+            PUNCHES,
+            destination=destination,
+            config=config,
+            limit=limit,
+            result=result,
+            progress=progress,
+        )
     finally:
         if own_destination:
             destination.close()

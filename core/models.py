@@ -123,6 +123,11 @@ class Device(models.Model):
     last_serial_number = models.CharField(
         max_length=64, blank=True, help_text="Serial number seen at the last successful download."
     )
+    # Who may talk to the device right now (core.ingest.device_lease): a poll
+    # or a log clear holds it until this moment. Workers on several machines
+    # claim it with one conditional UPDATE, so two never read one device at
+    # once; a worker that dies leaves it to expire.
+    poll_lease_until = models.DateTimeField(null=True, blank=True, editable=False)
 
     # --- push (ADMS, core.adms): a clock that calls /iclock/ itself ---
     # Set at its first contact; a device never seen pushing has none.
@@ -522,6 +527,69 @@ class DeliveryLog(models.Model):
     def __str__(self) -> str:
         status = self.status_code or self.error[:40] or "no answer"
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.records} records: {status}"
+
+
+class Timesheet(ProcessedAttendance):
+    """The timesheet report (core.reports) in the admin and the API: a proxy of
+    the daily records for its page and its one permission, core.view_timesheet."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "timesheet"
+        verbose_name_plural = "timesheets"
+        default_permissions = ("view",)
+
+
+class RunRequest(models.Model):
+    """A follow-up run asked for and not started yet (core.pipeline): at most
+    one queued run per name, however many polls ask, across every worker."""
+
+    name = models.CharField(max_length=50, unique=True)
+    # Set when a run is queued, cleared when it starts; a run queued but lost
+    # (a broker flushed) stops blocking new requests at this moment.
+    queued_until = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# --- Operations: what /health/ and /metrics read (core.health, core.metrics) ---------
+
+
+class Heartbeat(models.Model):
+    """When a periodic job last ran: `beat` is written by core.tasks.heartbeat,
+    which beat queues and a worker runs."""
+
+    name = models.CharField(max_length=50, unique=True)
+    at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.at:%Y-%m-%d %H:%M:%S} UTC"
+
+
+class Counter(models.Model):
+    """A running total for /metrics (polls by outcome, punches stored, processing
+    runs, delivered records by outcome), kept in the database so that every web
+    and worker process, on every machine, adds to and reads the same figure.
+    Written with one upsert per event (core.metrics.counter_add), never per punch.
+    """
+
+    name = models.CharField(max_length=50)
+    # 0 when the total is not a device's; a plain number, so that a deleted
+    # device's totals go with no constraint to check.
+    device_id = models.PositiveIntegerField(default=0)
+    outcome = models.CharField(max_length=20, blank=True, default="")
+    value = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["name", "device_id", "outcome"], name="counter_unique_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.device_id},{self.outcome}] = {self.value}"
 
 
 # --- Clocks that push (ADMS, core.adms) ----------------------------------------------

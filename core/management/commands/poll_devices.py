@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from core.ingest import devices_poll
+from core.management.progress import PollProgress
 from core.models import Device
 
 
@@ -47,10 +48,14 @@ class Command(BaseCommand):
                 self.stdout.write("No enabled devices to poll. Add one in the admin.")
                 return
         self.stdout.write(f"Polling {len(selected)} device(s)...")
-        results = devices_poll(devices=selected, force_full=full)
+        # Bars on a terminal only: a big first download takes minutes.
+        with PollProgress() as progress:
+            results = devices_poll(devices=selected, force_full=full, progress=progress.callback)
         for result in results:
             style = self.style.SUCCESS if result.ok else self.style.ERROR
+            if result.busy:
+                style = self.style.WARNING
             self.stdout.write(style(result.summary()))
-        failed = [r for r in results if not r.ok]
+        failed = [r for r in results if not r.ok and not r.busy]
         if failed:
             raise CommandError(f"{len(failed)} of {len(results)} device(s) failed.")

@@ -2,6 +2,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from core.crm import CrmError, crm_preview, crm_punch_sync, crm_sync
+from core.management.progress import Progress
 
 
 def positive(value: str) -> int:
@@ -43,13 +44,15 @@ class Command(BaseCommand):
                 return
             stopped = []
             if settings.CRM_API_URL or not settings.CRM_PUNCHES_URL:
-                result = crm_sync(limit=limit)
+                with Progress(desc="daily records", unit="records") as progress:
+                    result = crm_sync(limit=limit, progress=progress.callback)
                 for line in result.lines():
                     self.stdout.write(f"daily records: {line}")
                 if result.stopped:
                     stopped.append(f"daily records: {result.stopped}")
             if settings.CRM_PUNCHES_URL:
-                punches = crm_punch_sync(limit=limit)
+                with Progress(desc="raw punches", unit="punches") as progress:
+                    punches = crm_punch_sync(limit=limit, progress=progress.callback)
                 for line in punches.lines():
                     self.stdout.write(f"raw punches: {line}")
                 if punches.stopped:

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('core', '0010_punch_delivery_db_defaults'),
+        ('core', '0013_operations'),
     ]
 
     operations = [
