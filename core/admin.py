@@ -5,7 +5,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.db.models import OuterRef, Q, Subquery
+from django.db.models import Count, OuterRef, Q, Subquery
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
@@ -13,6 +13,12 @@ from django.utils.safestring import mark_safe
 
 # The Timesheets page and the audit log's admin register themselves there.
 from core import admin_reports  # noqa: F401
+from core.admin_adms import (
+    ConnectionFilter,
+    PushDeviceActions,
+    PushEmployeeActions,
+    push_health,
+)
 from core.audit import audit_changes, audit_clock_set
 from core.crm import crm_resend, crm_reset_failed
 from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
@@ -84,7 +90,7 @@ class DeviceForm(forms.ModelForm):
 
 
 @admin.register(Device)
-class DeviceAdmin(admin.ModelAdmin):
+class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
     form = DeviceForm
     list_display = [
         "name",
@@ -94,12 +100,13 @@ class DeviceAdmin(admin.ModelAdmin):
         "last_success_at",
         "consecutive_failures",
         "log_fill",
+        "records",
         "clock_drift",
         "short_error",
     ]
-    list_filter = ["enabled", "protocol"]
+    list_filter = ["enabled", "protocol", ConnectionFilter]
     search_fields = ["name", "ip_address", "serial_number"]
-    actions = ["poll_now", "test_connection", "sync_clock"]
+    actions = ["poll_now", "test_connection", "sync_clock", *PushDeviceActions.push_actions]
     readonly_fields = [
         "serial_number",
         "firmware",
@@ -120,6 +127,16 @@ class DeviceAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
         "comm_key_state",
+        # Clocks that push (core.adms)
+        "first_seen_at",
+        "last_seen_at",
+        "push_address",
+        "attlog_stamp",
+        "operlog_stamp",
+        "fingerprint_count",
+        "reported_ip",
+        "newest_record_at",
+        "push_options",
     ]
     fieldsets = [
         (
@@ -162,7 +179,28 @@ class DeviceAdmin(admin.ModelAdmin):
                 ]
             },
         ),
+        (
+            "Push (Cloud server): clocks that call this server, found by serial number",
+            {
+                "fields": [
+                    ("first_seen_at", "last_seen_at", "push_address"),
+                    ("attlog_stamp", "operlog_stamp", "newest_record_at"),
+                    ("fingerprint_count", "reported_ip"),
+                    "push_options",
+                ]
+            },
+        ),
     ]
+
+    def get_queryset(self, request):
+        stored = (
+            RawAttendance.objects.filter(device=OuterRef("pk"))
+            .order_by()
+            .values("device")
+            .annotate(count=Count("pk"))
+            .values("count")
+        )
+        return super().get_queryset(request).annotate(stored_punches=Subquery(stored))
 
     def get_fieldsets(self, request, obj=None):
         fieldsets = super().get_fieldsets(request, obj)
@@ -198,10 +236,21 @@ class DeviceAdmin(admin.ModelAdmin):
 
     @admin.display(description="address")
     def address(self, device):
+        if not device.ip_address:
+            where = f" from {device.push_address}" if device.push_address else ""
+            return f"pushes{where} (serial {device.serial_number or '?'})"
         return f"{device.ip_address}:{device.port}/{device.protocol}"
+
+    @admin.display(description="records (clock / stored)")
+    def records(self, device):
+        clock = "—" if device.record_count is None else device.record_count
+        return f"{clock} / {device.stored_punches or 0}"
 
     @admin.display(description="health")
     def health(self, device):
+        if not device.ip_address:
+            # A pushing clock calls every ADMS_DELAY_SECONDS: silence means down.
+            return format_html(*push_health(device, now=timezone.now()))
         if device.last_poll_at is None:
             return "never polled"
         if device.consecutive_failures:
@@ -281,12 +330,13 @@ class DeviceAdmin(admin.ModelAdmin):
 
 
 @admin.register(Employee)
-class EmployeeAdmin(admin.ModelAdmin):
+class EmployeeAdmin(PushEmployeeActions, admin.ModelAdmin):
     list_display = ["user_id", "name", "card", "privilege", "work_start_time", "work_end_time"]
     search_fields = ["user_id", "name"]
     list_filter = ["devices"]
     filter_horizontal = ["devices"]
     readonly_fields = ["created_at", "updated_at"]
+    actions = ["delete_selected", *PushEmployeeActions.push_actions]
 
 
 # --- Raw punches ---------------------------------------------------------------------
