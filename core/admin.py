@@ -5,12 +5,21 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.db.models import OuterRef, Q, Subquery
+from django.db.models import Count, OuterRef, Q, Subquery
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
+# The Timesheets page and the audit log's admin register themselves there.
+from core import admin_reports  # noqa: F401
+from core.admin_adms import (
+    ConnectionFilter,
+    PushDeviceActions,
+    PushEmployeeActions,
+    push_health,
+)
+from core.audit import audit_changes, audit_clock_set
 from core.crm import crm_punch_resend, crm_punch_reset_failed, crm_resend, crm_reset_failed
 from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
 from core.models import (
@@ -88,7 +97,7 @@ class DeviceForm(forms.ModelForm):
 
 
 @admin.register(Device)
-class DeviceAdmin(admin.ModelAdmin):
+class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
     form = DeviceForm
     list_display = [
         "name",
@@ -98,12 +107,13 @@ class DeviceAdmin(admin.ModelAdmin):
         "last_success_at",
         "consecutive_failures",
         "log_fill",
+        "records",
         "clock_drift",
         "short_error",
     ]
-    list_filter = ["enabled", "protocol"]
+    list_filter = ["enabled", "protocol", ConnectionFilter]
     search_fields = ["name", "ip_address", "serial_number"]
-    actions = ["poll_now", "test_connection", "sync_clock"]
+    actions = ["poll_now", "test_connection", "sync_clock", *PushDeviceActions.push_actions]
     readonly_fields = [
         "serial_number",
         "firmware",
@@ -124,6 +134,16 @@ class DeviceAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
         "comm_key_state",
+        # Clocks that push (core.adms)
+        "first_seen_at",
+        "last_seen_at",
+        "push_address",
+        "attlog_stamp",
+        "operlog_stamp",
+        "fingerprint_count",
+        "reported_ip",
+        "newest_record_at",
+        "push_options",
     ]
     fieldsets = [
         (
@@ -166,7 +186,28 @@ class DeviceAdmin(admin.ModelAdmin):
                 ]
             },
         ),
+        (
+            "Push (Cloud server): clocks that call this server, found by serial number",
+            {
+                "fields": [
+                    ("first_seen_at", "last_seen_at", "push_address"),
+                    ("attlog_stamp", "operlog_stamp", "newest_record_at"),
+                    ("fingerprint_count", "reported_ip"),
+                    "push_options",
+                ]
+            },
+        ),
     ]
+
+    def get_queryset(self, request):
+        stored = (
+            RawAttendance.objects.filter(device=OuterRef("pk"))
+            .order_by()
+            .values("device")
+            .annotate(count=Count("pk"))
+            .values("count")
+        )
+        return super().get_queryset(request).annotate(stored_punches=Subquery(stored))
 
     def get_fieldsets(self, request, obj=None):
         fieldsets = super().get_fieldsets(request, obj)
@@ -202,10 +243,21 @@ class DeviceAdmin(admin.ModelAdmin):
 
     @admin.display(description="address")
     def address(self, device):
+        if not device.ip_address:
+            where = f" from {device.push_address}" if device.push_address else ""
+            return f"pushes{where} (serial {device.serial_number or '?'})"
         return f"{device.ip_address}:{device.port}/{device.protocol}"
+
+    @admin.display(description="records (clock / stored)")
+    def records(self, device):
+        clock = "—" if device.record_count is None else device.record_count
+        return f"{clock} / {device.stored_punches or 0}"
 
     @admin.display(description="health")
     def health(self, device):
+        if not device.ip_address:
+            # A pushing clock calls every ADMS_DELAY_SECONDS: silence means down.
+            return format_html(*push_health(device, now=timezone.now()))
         if device.last_poll_at is None:
             return "never polled"
         if device.consecutive_failures:
@@ -240,7 +292,9 @@ class DeviceAdmin(admin.ModelAdmin):
     @admin.action(description="Poll now", permissions=["poll_device"])
     def poll_now(self, request, queryset):
         for result in devices_poll(devices=queryset):
-            if not result.ok:
+            if result.busy:
+                level = messages.WARNING
+            elif not result.ok:
                 level = messages.ERROR
             else:
                 level = messages.WARNING if result.warnings else messages.SUCCESS
@@ -271,6 +325,7 @@ class DeviceAdmin(admin.ModelAdmin):
             except DeviceError as exc:
                 self.message_user(request, f"{device.name}: {exc}", messages.ERROR)
             else:
+                audit_clock_set(actor=request.user, device=device, set_to=local_now)
                 self.message_user(
                     request,
                     f"{device.name}: clock set to {local_now:%Y-%m-%d %H:%M:%S} ({device.timezone})",
@@ -282,12 +337,13 @@ class DeviceAdmin(admin.ModelAdmin):
 
 
 @admin.register(Employee)
-class EmployeeAdmin(admin.ModelAdmin):
+class EmployeeAdmin(PushEmployeeActions, admin.ModelAdmin):
     list_display = ["user_id", "name", "card", "privilege", "work_start_time", "work_end_time"]
     search_fields = ["user_id", "name"]
     list_filter = ["devices"]
     filter_horizontal = ["devices"]
     readonly_fields = ["created_at", "updated_at"]
+    actions = ["delete_selected", *PushEmployeeActions.push_actions]
 
 
 # --- Raw punches ---------------------------------------------------------------------
@@ -436,12 +492,17 @@ class RawAttendanceAdmin(admin.ModelAdmin):
         count = queryset.count()  # before the update: a filter on the verdict would change it
         if form.is_bound and form.is_valid():
             try:
-                written = punches_judge(
+                with audit_changes(
+                    actor=request.user,
+                    action="punches_judge",
                     ids=queryset.values_list("pk", flat=True),
-                    suspect=suspect,
-                    reason=form.cleaned_data["reason"],
-                    user=request.user,
-                )
+                ) as ids:
+                    written = punches_judge(
+                        ids=ids,
+                        suspect=suspect,
+                        reason=form.cleaned_data["reason"],
+                        user=request.user,
+                    )
             except ValueError as exc:
                 form.add_error("reason", str(exc))
             else:
@@ -722,12 +783,13 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if {"clock_in", "clock_out"} & set(form.changed_data):
-            edited = attendance_edit(
-                record_id=obj.pk,
-                clock_in=form.cleaned_data["clock_in"],
-                clock_out=form.cleaned_data["clock_out"],
-                user=request.user,
-            )
+            with audit_changes(actor=request.user, action="attendance_edit", ids=[obj.pk]):
+                edited = attendance_edit(
+                    record_id=obj.pk,
+                    clock_in=form.cleaned_data["clock_in"],
+                    clock_out=form.cleaned_data["clock_out"],
+                    user=request.user,
+                )
             obj.__dict__.update(edited.__dict__)
 
     def has_add_permission(self, request):
@@ -778,14 +840,22 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Mark reviewed", permissions=["change"])
     def mark_reviewed(self, request, queryset):
-        count = attendance_mark_reviewed(
-            ids=queryset.values_list("pk", flat=True), user=request.user
-        )
+        with audit_changes(
+            actor=request.user,
+            action="attendance_mark_reviewed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = attendance_mark_reviewed(ids=ids, user=request.user)
         self.message_user(request, f"{count} day(s) marked reviewed.", messages.SUCCESS)
 
     @admin.action(description="Discard HR edits and recompute from punches", permissions=["change"])
     def discard_edits(self, request, queryset):
-        result = attendance_discard_edits(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="attendance_discard_edits",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            result = attendance_discard_edits(ids=ids)
         self.message_user(request, f"Edits discarded: {result.summary()}", messages.SUCCESS)
 
     @admin.display(description="delivery error")
@@ -800,7 +870,10 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resend to the CRM", permissions=["resend_processedattendance"])
     def resend(self, request, queryset):
-        count = crm_resend(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user, action="crm_resend", ids=queryset.values_list("pk", flat=True)
+        ) as ids:
+            count = crm_resend(ids=ids)
         self.message_user(
             request,
             f"{count} day(s) due for delivery again; the next sync_to_crm run sends them.",
@@ -812,7 +885,12 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
         permissions=["reset_failed_processedattendance"],
     )
     def reset_failed(self, request, queryset):
-        count = crm_reset_failed(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="crm_reset_failed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_reset_failed(ids=ids)
         self.message_user(
             request,
             f"{count} failed day(s) due for delivery again; the next sync_to_crm run sends "
@@ -946,7 +1024,12 @@ class PunchDeliveryAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resend to the CRM", permissions=["resend_punchdelivery"])
     def resend(self, request, queryset):
-        count = crm_punch_resend(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="crm_punch_resend",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_punch_resend(ids=ids)
         self.message_user(
             request,
             f"{count} punch(es) due for delivery again; the next sync_to_crm run sends them. "
@@ -959,10 +1042,35 @@ class PunchDeliveryAdmin(admin.ModelAdmin):
         permissions=["reset_failed_punchdelivery"],
     )
     def reset_failed(self, request, queryset):
-        count = crm_punch_reset_failed(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="crm_punch_reset_failed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_punch_reset_failed(ids=ids)
         self.message_user(
             request,
             f"{count} failed punch(es) due for delivery again; the next sync_to_crm run sends "
             "them. Punches that had not failed were left as they were.",
             messages.SUCCESS,
         )
+
+
+# --- HR status page (core.admin_status) ----------------------------------------------
+# The filters its figures link to, added here in one place so the lists above
+# stay as they are.
+
+from core.admin_status import (  # noqa: E402
+    DeviceStatusFilter,
+    PresenceFilter,
+    PunchDeliveryFilter,
+    ReviewFilter,
+)
+
+DeviceAdmin.list_filter = [*DeviceAdmin.list_filter, DeviceStatusFilter]
+ProcessedAttendanceAdmin.list_filter = [
+    *ProcessedAttendanceAdmin.list_filter,
+    PresenceFilter,
+    ReviewFilter,
+]
+RawAttendanceAdmin.list_filter = [*RawAttendanceAdmin.list_filter, PunchDeliveryFilter]

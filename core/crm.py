@@ -57,6 +57,7 @@ from django.db import connection, connections, transaction
 from django.db.models import Count, DateTimeField, F, Func, Max, Min, Q
 from django.utils import timezone
 
+from core import metrics
 from core.models import (
     DeliveryLog,
     Device,
@@ -1046,6 +1047,7 @@ def _deliver(
     claimed = queue.model.objects.filter(delivery_key=key)
     if first is None:
         envelope = queue.envelope(rows)
+    before = (result.sent, result.failed, result.rejected, result.requests)
     outcome, answer, attempts, why, log = _request(
         destination,
         records=records,
@@ -1099,7 +1101,42 @@ def _deliver(
             queue=queue,
             envelope=envelope,
         )
+    _count_batch(queue, key=key, records=len(records), before=before, result=result)
     return records
+
+
+def _count_batch(
+    queue: _Queue, *, key: str, records: int, before: tuple[int, ...], result: SyncResult
+) -> None:
+    """The batch's log line, and its outcomes added to the totals of /metrics."""
+    sent, failed, rejected, requests = (
+        now - then
+        for now, then in zip(
+            (result.sent, result.failed, result.rejected, result.requests), before, strict=True
+        )
+    )
+    kind = "punch" if queue is PUNCHES else "daily"
+    logger.info(
+        "CRM delivery of a %s batch (key %s): %d records, %d sent, %d failed, %d rejected "
+        "in %d request(s)%s",
+        kind,
+        key[:12],
+        records,
+        sent,
+        failed,
+        rejected,
+        requests,
+        f"; stopped: {result.stopped}" if result.stopped else "",
+    )
+    name = metrics.DELIVERED_PUNCHES if queue is PUNCHES else metrics.DELIVERED_DAILY
+    with _bookkeeping():
+        metrics.counter_add(
+            counts=[
+                (name, 0, "sent", sent),
+                (name, 0, "failed", failed),
+                (name, 0, "rejected", rejected),
+            ]
+        )
 
 
 def _fail(
@@ -1213,6 +1250,7 @@ def crm_sync(
     destination: Destination | None = None,
     batch_size: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SyncResult:
     """Pushes due daily records to the CRM: pending rows, and failed rows whose
     retry time has come. At most `limit` rows (default: those due at the start).
@@ -1221,7 +1259,9 @@ def crm_sync(
     claim no other run can take, and a batch a dead run left behind goes again
     under its own idempotency key. Stops early, with `stopped` saying why, when
     the CRM is unavailable after retries or refuses the credentials (then no
-    row changes). Raises CrmConfigError when push is off or misconfigured.
+    row changes). `progress`, when given, is called with (records done, records
+    due) after each batch; each batch is logged and added to the delivery totals
+    of /metrics. Raises CrmConfigError when push is off or misconfigured.
     """
     started = time.monotonic()
     own_destination = destination is None
@@ -1231,7 +1271,14 @@ def crm_sync(
     try:
         _prune_log()
         crm_retry_failed()
-        _run(DAILY, destination=destination, config=config, limit=limit, result=result)
+        _run(
+            DAILY,
+            destination=destination,
+            config=config,
+            limit=limit,
+            result=result,
+            progress=progress,
+        )
     finally:
         if own_destination:
             destination.close()
@@ -1246,6 +1293,7 @@ def _run(
     config: _Config,
     limit: int | None,
     result: SyncResult,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Claims, sends and books due rows of `queue` until none is due, `limit` is
     reached or the CRM stops the run.
@@ -1266,6 +1314,9 @@ def _run(
             queue.due(sync_from=config.sync_from).count()
             + model.objects.exclude(delivery_key="").count()
         )
+    total = budget
+    if progress is not None:
+        progress(0, total)
     # Batches a dead run left are taken first, once per run: they appear
     # only when a run dies, and looking for them costs a query.
     looking_for_stale = True
@@ -1330,6 +1381,8 @@ def _run(
         )
         # Rows changed in flight go again, outside the budget.
         budget += result.superseded - superseded
+        if progress is not None:
+            progress(result.sent + result.failed + result.rejected, total)
 
     sender = (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm-sender")
@@ -1412,6 +1465,7 @@ def crm_punch_sync(
     batch_size: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
     progress: Callable[[int, int], None] | None = None,
+    register_progress: Callable[[int, int], None] | None = None,
 ) -> SyncResult:
     """Delivers raw punches to CRM_PUNCHES_URL: registers the punches stored
     since the last run (_punches_register, reporting to `progress`), then
@@ -1433,8 +1487,17 @@ def crm_punch_sync(
     try:
         _prune_log()
         _retry_failed(PunchDelivery)
-        result.registered = _punches_register(sync_from=config.sync_from, progress=progress)
-        _run(PUNCHES, destination=destination, config=config, limit=limit, result=result)
+        result.registered = _punches_register(
+            sync_from=config.sync_from, progress=register_progress
+        )
+        _run(
+            PUNCHES,
+            destination=destination,
+            config=config,
+            limit=limit,
+            result=result,
+            progress=progress,
+        )
     finally:
         if own_destination:
             destination.close()

@@ -4,6 +4,7 @@ import datetime
 import socket
 
 import pytest
+from auditlog.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
@@ -838,6 +839,10 @@ def test_a_punch_delivery_action_makes_the_punch_due_for_a_user_with_its_permiss
     delivery = PunchDelivery.objects.get(pk=punch_delivery.pk)
     assert (delivery.sync_state, delivery.next_sync_at) == ("pending", None)
     assert delivery.resend_count == (1 if action == "resend" else 0)
+    entry = LogEntry.objects.get(additional_data__action=f"crm_punch_{action}")
+    assert entry.object_pk == str(punch_delivery.pk)
+    assert entry.changes["sync_state"] == [state, "pending"]
+    assert entry.actor.has_perm(perm)
 
 
 def test_reset_failed_leaves_punches_that_did_not_fail(staff_client, punch_delivery):

@@ -2,6 +2,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from core.crm import CrmError, crm_preview, crm_punch_preview, crm_punch_sync, crm_sync
+from core.management.progress import Progress
 
 
 def positive(value: str) -> int:
@@ -37,20 +38,6 @@ class Command(BaseCommand):
             ),
         )
 
-    def _progress(self):
-        """On a terminal, a line that counts the punch ids a registration has read."""
-        if not self.stdout.isatty():
-            return None
-
-        def show(done: int, total: int) -> None:
-            end = "\n" if done >= total else ""
-            self.stdout.write(
-                f"\rraw punches: registering, {done:,} of {total:,} punch ids read", ending=end
-            )
-            self.stdout.flush()
-
-        return show
-
     def handle(self, *args, limit=None, dry_run=False, **options):
         try:
             if dry_run:
@@ -65,13 +52,22 @@ class Command(BaseCommand):
                 return
             stopped = []
             if settings.CRM_API_URL or not settings.CRM_PUNCHES_URL:
-                result = crm_sync(limit=limit)
+                with Progress(desc="daily records", unit="records") as progress:
+                    result = crm_sync(limit=limit, progress=progress.callback)
                 for line in result.lines():
                     self.stdout.write(f"daily records: {line}")
                 if result.stopped:
                     stopped.append(f"daily records: {result.stopped}")
             if settings.CRM_PUNCHES_URL:
-                punches = crm_punch_sync(limit=limit, progress=self._progress())
+                with (
+                    Progress(desc="raw punches: registering", unit="ids") as registering,
+                    Progress(desc="raw punches", unit="punches") as progress,
+                ):
+                    punches = crm_punch_sync(
+                        limit=limit,
+                        progress=progress.callback,
+                        register_progress=registering.callback,
+                    )
                 for line in punches.lines():
                     self.stdout.write(f"raw punches: {line}")
                 if punches.stopped:

@@ -6,7 +6,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('core', '0010_punch_delivery_db_defaults'),
+        ('core', '0014_push_receiver'),
     ]
 
     operations = [
