@@ -472,6 +472,11 @@ class PunchDelivery(DeliveryState):
                 condition=~models.Q(delivery_key=""),
             ),
         ]
+        # As for daily records: sending again is more than viewing a delivery.
+        permissions = [
+            ("resend_punchdelivery", "Can resend raw punches to the CRM"),
+            ("reset_failed_punchdelivery", "Can make failed punch deliveries due again"),
+        ]
 
     def __str__(self) -> str:
         return f"punch {self.raw_id}: {self.sync_state}"
