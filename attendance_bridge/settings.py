@@ -9,6 +9,7 @@ defaults: a SQLite file and a filesystem broker, both under var/.
 """
 
 import datetime
+import ipaddress
 import os
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -311,6 +312,35 @@ SUSPECT_FUTURE_TOLERANCE = envduration("SUSPECT_FUTURE_TOLERANCE", "1d")
 # (admin health, the poll's log line); its punches are still judged by the
 # server's time.
 CLOCK_DRIFT_ALERT_SECONDS = envint("CLOCK_DRIFT_ALERT_SECONDS", 300, minimum=1)
+
+
+# --- Clocks that push (ADMS, core.adms) -------------------------------------------------
+
+# Enable a clock the first time its serial number calls in; off, it waits
+# (disabled, its records kept on the clock) until an operator enables it.
+ADMS_AUTO_APPROVE = envbool("ADMS_AUTO_APPROVE", False)
+# Addresses (CIDR, comma-separated) allowed to call /iclock/; empty allows any.
+# Behind a reverse proxy this is the proxy's address: filter at the proxy too.
+ADMS_ALLOWED_NETWORKS = []
+for _network in envlist("ADMS_ALLOWED_NETWORKS", []):
+    try:
+        ADMS_ALLOWED_NETWORKS.append(ipaddress.ip_network(_network, strict=False))
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"ADMS_ALLOWED_NETWORKS must be CIDR networks such as 10.0.0.0/8, got {_network!r}"
+        ) from None
+# Seconds between a clock's polls for commands (Delay, 2 to 60 on firmware).
+ADMS_DELAY_SECONDS = envint("ADMS_DELAY_SECONDS", 10, minimum=1)
+# Seconds a clock waits before it tries again after a failure (ErrorDelay).
+ADMS_ERROR_DELAY_SECONDS = envint("ADMS_ERROR_DELAY_SECONDS", 30, minimum=1)
+# Minutes between a clock's checks for new records to upload (TransInterval);
+# live punches come at once anyway (Realtime=1).
+ADMS_TRANS_INTERVAL_MINUTES = envint("ADMS_TRANS_INTERVAL_MINUTES", 1, minimum=0)
+# A command handed to a clock and not answered within this is marked failed.
+ADMS_COMMAND_TIMEOUT = envduration("ADMS_COMMAND_TIMEOUT", "10m")
+# Larger request bodies get 413. Firmware sends batches of at most ~150
+# records; a refused body is sent again, so keep this well above that.
+ADMS_MAX_BODY_BYTES = envint("ADMS_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 
 
 # --- Daily processing ----------------------------------------------------------------

@@ -90,7 +90,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import models, transaction
 from django.utils.functional import SimpleLazyObject
 
-from core.models import Device, ProcessedAttendance, RawAttendance
+from core.models import Device, ProcessedAttendance, PunchDelivery, RawAttendance
 
 # Rows read per query for a snapshot: far below SQLite's bound on query parameters.
 SNAPSHOT_CHUNK = 2000
@@ -240,6 +240,17 @@ def _punch(row: Mapping[str, Any]) -> str:
     return f"{row['user_id']} @ {stamp:%Y-%m-%d %H:%M:%S} UTC on device {row['device_id']}"
 
 
+def _punch_delivery(row: Mapping[str, Any]) -> str:
+    return _punch(
+        {
+            "user_id": row["raw__user_id"],
+            "timestamp": row["raw__timestamp"],
+            "device_id": row["raw__device_id"],
+        }
+    )
+
+
+_PUNCH_REF = ("raw__user_id", "raw__timestamp", "raw__device_id")
 _DAY = (ProcessedAttendance, ("user_id", "work_date"), _day)
 _DAY_TIMES = ("clock_in", "clock_out", "worked", "is_outlier", "outlier_reasons", "is_manual")
 _DELIVERY = ("sync_state", "next_sync_at", "sync_attempts", "resend_count")
@@ -260,6 +271,9 @@ AUDITED_ACTIONS: dict[str, AuditedAction] = {
     # core.crm.crm_resend and crm_reset_failed
     "crm_resend": AuditedAction(_DAY[0], _DELIVERY, _DAY[1], _DAY[2]),
     "crm_reset_failed": AuditedAction(_DAY[0], _DELIVERY, _DAY[1], _DAY[2]),
+    # core.crm.crm_punch_resend and crm_punch_reset_failed: raw punch deliveries.
+    "crm_punch_resend": AuditedAction(PunchDelivery, _DELIVERY, _PUNCH_REF, _punch_delivery),
+    "crm_punch_reset_failed": AuditedAction(PunchDelivery, _DELIVERY, _PUNCH_REF, _punch_delivery),
     # core.ingest.punches_judge: an operator's verdict on punches.
     "punches_judge": AuditedAction(
         RawAttendance,

@@ -345,6 +345,12 @@ PollProgress = Callable[[str, int], None]
 
 
 def client_for(device: Device, *, on_bytes: Callable[[int], None] | None = None) -> DeviceClient:
+    """Raises DeviceError for a device without an IP address: it pushes (core.adms)."""
+    if not device.ip_address:
+        raise DeviceError(
+            f"{device.name} has no IP address: it pushes its punches (Cloud server) and "
+            "cannot be polled or reached from here"
+        )
     return DeviceClient(
         host=device.ip_address,
         port=device.port,
@@ -576,11 +582,14 @@ def devices_poll(
     """Polls several devices side by side; a slow or failing one does not hold up the rest.
 
     Each under its lease (device_lease_claim): a device a worker is polling
-    right now is skipped, its result marked `busy`. Idempotent as device_poll
-    is; never raises for a device problem. `progress` is told each device's
-    PollProgress events, possibly from several threads.
+    right now is skipped, its result marked `busy`. Devices without an IP
+    address push their punches (core.adms) and are skipped. Idempotent as
+    device_poll is; never raises for a device problem. `progress` is told each
+    device's PollProgress events, possibly from several threads.
     """
-    devices = list(Device.objects.filter(enabled=True) if devices is None else devices)
+    if devices is None:
+        devices = Device.objects.filter(enabled=True)
+    devices = [device for device in devices if device.ip_address]
     if not devices:
         return []
     if len(devices) == 1 or workers <= 1 or connection.vendor == "sqlite":
@@ -668,12 +677,16 @@ class ClearResult:
 
 
 def devices_log_clear_due(*, at_percent: float) -> list[int]:
-    """Ids of enabled devices whose log was fuller than `at_percent` at their
-    last poll: those worth connecting to for device_clear_log. Reads only."""
+    """Ids of enabled, polled devices whose log was fuller than `at_percent` at
+    their last poll: those worth connecting to for device_clear_log. A pushing
+    clock (no IP address) cannot be reached to be cleared. Reads only."""
     return [
         device.pk
         for device in Device.objects.filter(
-            enabled=True, record_count__isnull=False, record_capacity__gt=0
+            enabled=True,
+            ip_address__isnull=False,
+            record_count__isnull=False,
+            record_capacity__gt=0,
         ).only("pk", "record_count", "record_capacity")
         if device.log_fill_percent is not None and device.log_fill_percent > at_percent
     ]

@@ -214,7 +214,14 @@ def test_the_groups_hold_the_permissions_the_docs_list():
         "process_processedattendance",
         "resend_processedattendance",
         "view_logentry",
+        "resend_punchdelivery",
+        "reset_failed_punchdelivery",
+        "send_info_command",
+        "send_reboot_command",
+        "send_reupload_command",
+        "view_devicecommand",
     } <= perms("Operators")
+    assert not {"send_reboot_command", "resend_punchdelivery"} & perms("HR")
     assert "view_timesheet" not in perms("Operators")
     assert "change_processedattendance" not in perms("Operators")
     assert perms("CRM") == {"view_rawattendance", "view_processedattendance"}

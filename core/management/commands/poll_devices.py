@@ -7,7 +7,8 @@ from core.models import Device
 
 class Command(BaseCommand):
     help = (
-        "Downloads new punches from devices (default: every enabled device). Runs with "
+        "Downloads new punches from devices (default: every enabled device with an IP "
+        "address; clocks that push have none). Runs with "
         "the server's own rights, like the admin's Poll now (permission core.poll_device)."
     )
 
@@ -32,8 +33,17 @@ class Command(BaseCommand):
             if missing:
                 raise CommandError(f"No device named {', '.join(map(repr, missing))}.")
             selected = [found[name] for name in devices]
+            for device in selected:
+                if not device.ip_address:
+                    self.stdout.write(
+                        f"{device.name}: has no IP address, it pushes its punches; skipped."
+                    )
+            selected = [device for device in selected if device.ip_address]
+            if not selected:
+                return
         else:
-            selected = list(Device.objects.filter(enabled=True))
+            # Devices without an IP address push their punches (core.adms).
+            selected = list(Device.objects.filter(enabled=True, ip_address__isnull=False))
             if not selected:
                 self.stdout.write("No enabled devices to poll. Add one in the admin.")
                 return

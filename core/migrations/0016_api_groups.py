@@ -39,6 +39,15 @@ GROUPS = {
         "resend_processedattendance",
         "reset_failed_processedattendance",
         "view_deliverylog",
+        "view_punchdelivery",
+        "resend_punchdelivery",
+        "reset_failed_punchdelivery",
+        "send_info_command",
+        "send_check_command",
+        "send_reboot_command",
+        "send_reupload_command",
+        "view_devicecommand",
+        "view_pushrejectedline",
         "auditlog.view_logentry",
     ],
     # Read attendance and the pull feed of changes.
@@ -81,7 +90,7 @@ def remove_groups(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("core", "0013_operations"),
+        ("core", "0015_punch_delivery_permissions"),
         ("auditlog", "0017_add_actor_email"),
         ("auth", "0012_alter_user_first_name_max_length"),
         ("contenttypes", "0002_remove_content_type_name"),
