@@ -1582,9 +1582,7 @@ def crm_feed_prune(*, now: datetime.datetime | None = None) -> int:
     """
     cutoff = (now or timezone.now()) - datetime.timedelta(days=settings.CRM_FEED_RETENTION_DAYS)
     newest = ProcessedAttendanceVersion.objects.aggregate(top=Max("seq"))["top"]
-    expired = ProcessedAttendanceVersion.objects.filter(recorded_at__lt=cutoff).exclude(
-        seq=newest
-    )
+    expired = ProcessedAttendanceVersion.objects.filter(recorded_at__lt=cutoff).exclude(seq=newest)
     top = expired.aggregate(top=Max("seq"))["top"]
     if top is None:
         return 0
