@@ -1431,7 +1431,9 @@ def _prune_log() -> int:
 
 FEED_MAX_LIMIT = 1000
 # The ProcessingState row whose last_raw_id holds the feed's horizon: the
-# highest change number crm_feed_prune has dropped.
+# highest change number that replaced a version crm_feed_prune dropped. A
+# cursor below it has not read a change older than the retention, and may
+# miss a dropped version: it is answered 410.
 FEED_STATE_NAME = "crm_feed"
 # A record's fields as the feed reads them, from ProcessedAttendance (the
 # current versions) and ProcessedAttendanceVersion (older versions, tombstones)
@@ -1474,8 +1476,8 @@ class ChangesPage:
 class _Cursor:
     after: int  # the last change served
     # The last change committed when the consumer started without a cursor:
-    # older versions and tombstones up to it are of days as they were before
-    # it started, which it never held, so they are not served.
+    # a version replaced (or a day deleted) by a change up to it was gone
+    # before the consumer started, so it is not served.
     start: int = 0
 
     def encode(self) -> str:
@@ -1513,7 +1515,7 @@ def _last_change() -> int:
 
 
 def feed_horizon() -> int:
-    """The highest change number dropped by crm_feed_prune (0: none yet)."""
+    """The highest change number that replaced a version crm_feed_prune dropped (0: none)."""
     found = ProcessingState.objects.filter(name=FEED_STATE_NAME).values_list(
         "last_raw_id", flat=True
     )
@@ -1542,11 +1544,10 @@ def crm_changes(*, cursor: str | None = None, limit: int = 100) -> ChangesPage:
         seq="change_seq",
         deleted=Value(False, output_field=BooleanField()),
     )
-    older = _feed_rows(
-        ProcessedAttendanceVersion.objects.filter(seq__gt=max(position.after, position.start)),
-        seq="seq",
-        deleted=F("deleted"),
-    )
+    older = ProcessedAttendanceVersion.objects.filter(seq__gt=position.after)
+    if position.after < position.start:
+        older = older.filter(replaced_by__gt=position.start)
+    older = _feed_rows(older, seq="seq", deleted=F("deleted"))
     rows = list(live.union(older, all=True).order_by("f_seq")[: limit + 1])
     # Checked after the read: a prune that committed before it is seen here.
     if cursor and feed_horizon() > max(position.after, position.start):
@@ -1573,7 +1574,7 @@ def crm_changes(*, cursor: str | None = None, limit: int = 100) -> ChangesPage:
 def crm_feed_prune(*, now: datetime.datetime | None = None) -> int:
     """Drops the older versions and tombstones replaced more than
     CRM_FEED_RETENTION_DAYS ago, and raises the feed's horizon to the highest
-    change number dropped; returns how many it dropped.
+    change number that replaced one of them; returns how many it dropped.
 
     Keeps the newest of them whatever its age: SQLite numbers a change after
     the highest number held, and must never hand one out twice. Idempotent;
@@ -1583,7 +1584,7 @@ def crm_feed_prune(*, now: datetime.datetime | None = None) -> int:
     cutoff = (now or timezone.now()) - datetime.timedelta(days=settings.CRM_FEED_RETENTION_DAYS)
     newest = ProcessedAttendanceVersion.objects.aggregate(top=Max("seq"))["top"]
     expired = ProcessedAttendanceVersion.objects.filter(recorded_at__lt=cutoff).exclude(seq=newest)
-    top = expired.aggregate(top=Max("seq"))["top"]
+    top = expired.aggregate(top=Max("replaced_by"))["top"]
     if top is None:
         return 0
     dropped, _ = expired.delete()

@@ -385,8 +385,8 @@ class ProcessedAttendance(DeliveryState):
 
 class ProcessedAttendanceVersion(models.Model):
     """A version of a daily record the pull feed still serves after the row
-    moved on: superseded by a newer version, or deleted (a tombstone, with the
-    last version's values). Written only by database triggers (migration 0011),
+    moved on (superseded by a newer version, or deleted), or the tombstone of a
+    deleted row (`deleted`, with its last version's values and number). Written only by database triggers (migration 0011),
     whoever changes the row, in the writer's transaction; the current versions
     stay in ProcessedAttendance. Dropped after CRM_FEED_RETENTION_DAYS.
     """
@@ -394,6 +394,9 @@ class ProcessedAttendanceVersion(models.Model):
     # The version's position in the feed: the change_seq it had, or a new one
     # for a deletion.
     seq = models.BigIntegerField(primary_key=True)
+    # The change number of the write that replaced it (its own seq for a
+    # tombstone): a consumer that started after that write never needs it.
+    replaced_by = models.BigIntegerField()
     day_id = models.BigIntegerField(help_text="The daily record's id (it may be gone).")
     deleted = models.BooleanField(default=False)
     user_id = models.CharField("user ID", max_length=24)
@@ -436,7 +439,10 @@ class ProcessedAttendanceVersion(models.Model):
 
     class Meta:
         verbose_name = "daily attendance version"
-        indexes = [models.Index(fields=["recorded_at"], name="processed_version_recorded")]
+        indexes = [
+            models.Index(fields=["recorded_at"], name="processed_version_recorded"),
+            models.Index(fields=["replaced_by"], name="processed_version_replaced"),
+        ]
 
     def __str__(self) -> str:
         state = "deleted" if self.deleted else "superseded"

@@ -8,8 +8,9 @@ from django.db import migrations, models
 # The pull feed serves every version of every day, and deletions, not only
 # the rows as they are now (docs/crm-contract.md). The current versions stay
 # in core_processedattendance; an older version is copied, with the change_seq
-# it had, into core_processedattendanceversion when a write replaces it, and a
-# deleted row leaves a tombstone there under a new change_seq. Triggers do it,
+# it had, into core_processedattendanceversion when a write replaces it or
+# deletes the row; a deleted row also leaves a tombstone there, under a new
+# change_seq. Triggers do it,
 # so that every writer, present or future, keeps the history.
 # Nothing is added to inserts (processing's bulk COPY of new days pays
 # nothing) nor to writes that keep the version (delivery bookkeeping): the
@@ -19,7 +20,7 @@ from django.db import migrations, models
 # their numbers, so tombstones also commit in change_seq order (0008).
 FEED_LOCK = 804_101  # as in 0008
 _COLUMNS = (
-    "seq, day_id, deleted, user_id, employee_id, work_date, version, clock_in, clock_out, "
+    "seq, replaced_by, day_id, deleted, user_id, employee_id, work_date, version, clock_in, clock_out, "
     "clock_in_device_id, clock_out_device_id, punch_count, worked, is_outlier, "
     "outlier_reasons, is_manual, recorded_at"
 )
@@ -33,11 +34,12 @@ POSTGRES_UP = [
     f"""
     CREATE OR REPLACE FUNCTION core_processed_keep_version() RETURNS trigger AS $$
     BEGIN
+        NEW.change_seq := nextval('core_processed_change_seq');
         IF OLD.change_seq IS NOT NULL THEN
             INSERT INTO core_processedattendanceversion ({_COLUMNS})
-            VALUES (OLD.change_seq, {_ROW.format(p="OLD.", deleted="false")}, now());
+            VALUES (OLD.change_seq, NEW.change_seq, {_ROW.format(p="OLD.", deleted="false")},
+                    now());
         END IF;
-        NEW.change_seq := nextval('core_processed_change_seq');
         RETURN NEW;
     END
     $$ LANGUAGE plpgsql
@@ -58,9 +60,15 @@ POSTGRES_UP = [
     f"""
     CREATE OR REPLACE FUNCTION core_processed_tombstones() RETURNS trigger AS $$
     BEGIN
+        WITH numbered AS MATERIALIZED (
+            SELECT nextval('core_processed_change_seq') AS seq, *
+            FROM (SELECT * FROM gone ORDER BY change_seq) AS ordered
+        )
         INSERT INTO core_processedattendanceversion ({_COLUMNS})
-        SELECT nextval('core_processed_change_seq'), {_ROW.format(p="", deleted="true")}, now()
-        FROM (SELECT * FROM gone ORDER BY change_seq) AS ordered;
+        SELECT change_seq, seq, {_ROW.format(p="", deleted="false")}, now()
+        FROM numbered WHERE change_seq IS NOT NULL
+        UNION ALL
+        SELECT seq, seq, {_ROW.format(p="", deleted="true")}, now() FROM numbered;
         RETURN NULL;
     END
     $$ LANGUAGE plpgsql
@@ -113,18 +121,21 @@ SQLITE_UP = [
     CREATE TRIGGER core_processed_mark_update AFTER UPDATE OF version ON core_processedattendance
     WHEN NEW.version IS NOT OLD.version
     BEGIN
-        INSERT INTO core_processedattendanceversion ({_COLUMNS})
-        SELECT OLD.change_seq, {_ROW.format(p="OLD.", deleted="0")}, {_NOW}
-        WHERE OLD.change_seq IS NOT NULL;
         UPDATE core_processedattendance SET change_seq = {_NEXT} WHERE id = NEW.id;
+        INSERT INTO core_processedattendanceversion ({_COLUMNS})
+        SELECT OLD.change_seq, change_seq, {_ROW.format(p="OLD.", deleted="0")}, {_NOW}
+        FROM core_processedattendance WHERE id = NEW.id AND OLD.change_seq IS NOT NULL;
     END
     """,
     f"""
     CREATE TRIGGER core_processed_tombstone AFTER DELETE ON core_processedattendance
     BEGIN
         INSERT INTO core_processedattendanceversion ({_COLUMNS})
-        VALUES (MAX({_NEXT}, COALESCE(OLD.change_seq, 0) + 1),
-                {_ROW.format(p="OLD.", deleted="1")}, {_NOW});
+        SELECT seq, seq, {_ROW.format(p="OLD.", deleted="1")}, {_NOW}
+        FROM (SELECT MAX({_NEXT}, COALESCE(OLD.change_seq, 0) + 1) AS seq);
+        INSERT INTO core_processedattendanceversion ({_COLUMNS})
+        SELECT OLD.change_seq, MAX(seq), {_ROW.format(p="OLD.", deleted="0")}, {_NOW}
+        FROM core_processedattendanceversion WHERE OLD.change_seq IS NOT NULL;
     END
     """,
 ]
@@ -174,6 +185,7 @@ class Migration(migrations.Migration):
             name='ProcessedAttendanceVersion',
             fields=[
                 ('seq', models.BigIntegerField(primary_key=True, serialize=False)),
+                ('replaced_by', models.BigIntegerField()),
                 ('day_id', models.BigIntegerField(help_text="The daily record's id (it may be gone).")),
                 ('deleted', models.BooleanField(default=False)),
                 ('user_id', models.CharField(max_length=24, verbose_name='user ID')),
@@ -193,7 +205,7 @@ class Migration(migrations.Migration):
             ],
             options={
                 'verbose_name': 'daily attendance version',
-                'indexes': [models.Index(fields=['recorded_at'], name='processed_version_recorded')],
+                'indexes': [models.Index(fields=['recorded_at'], name='processed_version_recorded'), models.Index(fields=['replaced_by'], name='processed_version_replaced')],
             },
         ),
         migrations.RunPython(
