@@ -333,7 +333,7 @@ def test_a_follower_sees_every_version_and_deletion_committed_while_it_reads():
     # that change never came back.
     if connection.vendor == "sqlite" and connection.is_in_memory_db():
         pytest.skip("needs PostgreSQL or a SQLite file, not the in-memory test database")
-    ids = make_days(80, users=20)
+    ids = make_days(120, users=20)
     doomed = set(ids[::7])
     seen_versions = {(external_id(pk), 1, False) for pk in ids}
     _, cursor = follow()
@@ -346,7 +346,7 @@ def test_a_follower_sees_every_version_and_deletion_committed_while_it_reads():
                 for _ in range(2):
                     with transaction.atomic():
                         bump(pk)
-                        time.sleep(0.002)  # commit late, while the other writer commits
+                        time.sleep(0.003)  # commit late, while the other writer commits
                 if pk in doomed:
                     with transaction.atomic():
                         ProcessedAttendance.objects.filter(pk=pk).delete()
