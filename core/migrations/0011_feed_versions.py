@@ -15,7 +15,13 @@ from django.db import migrations, models
 # Nothing is added to inserts (processing's bulk COPY of new days pays
 # nothing) nor to writes that keep the version (delivery bookkeeping): the
 # copy rides on the row trigger that already numbers a new version, and
-# deletions (rare) get a statement trigger with a transition table. A deletion
+# deletions (rare) get a statement trigger with a transition table.
+# On PostgreSQL a writer may number its rows itself (change_seq =
+# nextval(...) in the statement that writes the new versions, after the
+# statement's lock): the row trigger then leaves them alone, and the writer
+# copies the versions they replace itself, in bulk. Processing's UPDATE of
+# changed days does (core.processing.storage.update_days): one INSERT rather
+# than one per row. A deletion
 # takes the same advisory lock as version writers, before its tombstones take
 # their numbers, so tombstones also commit in change_seq order (0008).
 FEED_LOCK = 804_101  # as in 0008
@@ -48,7 +54,8 @@ POSTGRES_UP = [
     """
     CREATE TRIGGER core_processed_mark_change
     BEFORE UPDATE OF version ON core_processedattendance
-    FOR EACH ROW WHEN (NEW.version IS DISTINCT FROM OLD.version)
+    FOR EACH ROW WHEN (NEW.version IS DISTINCT FROM OLD.version
+                       AND NEW.change_seq IS NOT DISTINCT FROM OLD.change_seq)
     EXECUTE FUNCTION core_processed_keep_version()
     """,
     "DROP TRIGGER core_processed_feed_lock ON core_processedattendance",

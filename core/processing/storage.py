@@ -24,7 +24,13 @@ from django.db import connection
 from django.db.models import F, Lookup, Q, QuerySet
 from psycopg.pq import Format
 
-from core.models import Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import (
+    Device,
+    Employee,
+    ProcessedAttendance,
+    ProcessedAttendanceVersion,
+    RawAttendance,
+)
 from core.processing.diff import ROW_COLUMNS, StoredDay
 from core.processing.rules import Hours
 from core.processing.shifts import COMPUTED_FIELDS, Punch
@@ -52,6 +58,23 @@ _DUE = {
     "sync_attempts": 0,
     "next_sync_at": None,
 }
+# What the pull feed keeps of a version it replaces (ProcessedAttendanceVersion).
+_VERSION_COLUMNS = (
+    "id",
+    "user_id",
+    "employee_id",
+    "work_date",
+    "version",
+    "clock_in",
+    "clock_out",
+    "clock_in_device_id",
+    "clock_out_device_id",
+    "punch_count",
+    "worked",
+    "is_outlier",
+    "outlier_reasons",
+    "is_manual",
+)
 _UPSERT_FIELDS = [
     "employee",
     "clock_in",
@@ -344,6 +367,12 @@ def update_days(changed: list[tuple[int, tuple]], *, now: datetime.datetime) -> 
     columns = [quote(meta.get_field(name).column) for name in ROW_COLUMNS]
     assignments = [f"{c} = t.{c}" for c in columns[2:]]  # not the (user_id, work_date) key
     assignments += [f"{quote(name)} = %s" for name in (*_DUE, "updated_at")]
+    # Numbered here rather than by the row trigger, which leaves a row numbered
+    # by its writer alone, so that the versions these rows replace go to the
+    # pull feed's history in one INSERT rather than one per row (migration 0011).
+    # The statement's lock trigger has run before nextval is called.
+    assignments.append("change_seq = nextval('core_processed_change_seq')")
+    kept = ", ".join(f"p.{quote(c)}" for c in _VERSION_COLUMNS)
     with connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS processing_changed ON COMMIT DROP AS "
@@ -354,10 +383,22 @@ def update_days(changed: list[tuple[int, tuple]], *, now: datetime.datetime) -> 
             copy.set_types(types)
             for pk, row in changed:
                 copy.write_row((pk, *row))
+        # One statement, one snapshot: `old` reads the rows as they were before
+        # the UPDATE beside it.
+        day_id, *rest = (quote(c) for c in _VERSION_COLUMNS)
         cursor.execute(
-            f"UPDATE {table} AS p SET {', '.join(assignments)} "
-            f"FROM processing_changed AS t WHERE p.id = t.id",
-            [*_DUE.values(), now],
+            f"WITH old AS ("
+            f"  SELECT p.change_seq, {kept} FROM {table} AS p"
+            f"  JOIN processing_changed AS t ON p.id = t.id WHERE p.change_seq IS NOT NULL"
+            f"), new AS ("
+            f"  UPDATE {table} AS p SET {', '.join(assignments)}"
+            f"  FROM processing_changed AS t WHERE p.id = t.id RETURNING p.id, p.change_seq"
+            f") INSERT INTO {quote(ProcessedAttendanceVersion._meta.db_table)} "
+            f"(seq, replaced_by, day_id, deleted, {', '.join(rest)}, recorded_at) "
+            f"SELECT old.change_seq, new.change_seq, old.{day_id}, false, "
+            f"{', '.join(f'old.{c}' for c in rest)}, %s "
+            f"FROM old JOIN new ON new.id = old.id",
+            [*_DUE.values(), now, now],
         )
         cursor.execute("TRUNCATE processing_changed")
 

@@ -132,10 +132,10 @@ def test_an_older_version_is_served_in_the_shape_of_the_push_record_plus_deleted
 
 def test_processing_and_an_hr_edit_between_two_reads_show_every_version_in_order():
     door = DeviceFactory(name="Front door", timezone="UTC")
+    _, cursor = follow()  # an empty feed
     with server_clock(0):
         store(door, "1001", "2026-11-02 08:00")
         attendance_process()
-    _, cursor = follow()
     with server_clock(1):
         store(door, "1001", "2026-11-02 17:00")
         attendance_process()
@@ -147,10 +147,11 @@ def test_processing_and_an_hr_edit_between_two_reads_show_every_version_in_order
         user=None,
     )
     records, _ = follow(cursor)
-    assert seen(records) == [("1001:2026-11-02", 2, False), ("1001:2026-11-02", 3, False)]
-    assert records[0]["clock_out"] == "2026-11-02T17:00:00+00:00"
-    assert not records[0]["is_manual"] and records[1]["is_manual"]
-    assert records[1]["clock_in"] == "2026-11-02T07:00:00+00:00"
+    assert seen(records) == [("1001:2026-11-02", v, False) for v in (1, 2, 3)]
+    assert [r["clock_out"] for r in records] == [None] + ["2026-11-02T17:00:00+00:00"] * 2
+    assert [r["punch_count"] for r in records] == [1, 2, 2]
+    assert [r["is_manual"] for r in records] == [False, False, True]
+    assert records[2]["clock_in"] == "2026-11-02T07:00:00+00:00"
 
 
 def test_bookkeeping_writes_no_older_version():
