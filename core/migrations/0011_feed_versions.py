@@ -141,8 +141,9 @@ SQLITE_UP = [
         SELECT seq, seq, {_ROW.format(p="OLD.", deleted="1")}, {_NOW}
         FROM (SELECT MAX({_NEXT}, COALESCE(OLD.change_seq, 0) + 1) AS seq);
         INSERT INTO core_processedattendanceversion ({_COLUMNS})
-        SELECT OLD.change_seq, MAX(seq), {_ROW.format(p="OLD.", deleted="0")}, {_NOW}
-        FROM core_processedattendanceversion WHERE OLD.change_seq IS NOT NULL;
+        SELECT OLD.change_seq, (SELECT MAX(seq) FROM core_processedattendanceversion),
+               {_ROW.format(p="OLD.", deleted="0")}, {_NOW}
+        WHERE OLD.change_seq IS NOT NULL;
     END
     """,
 ]
