@@ -346,7 +346,9 @@ class DayInserter:
 def update_days(changed: list[tuple[int, tuple]], *, now: datetime.datetime) -> None:
     """Overwrites changed rows, given as (pk, row as in ROW_COLUMNS); each is due again.
 
-    On PostgreSQL: COPY into a temporary table, then one UPDATE … FROM.
+    On PostgreSQL: COPY into a temporary table, then one UPDATE … FROM, whose
+    statement also copies the versions it replaces into the pull feed's
+    history (ProcessedAttendanceVersion); elsewhere a database trigger does.
     """
     if connection.vendor != "postgresql":
         ProcessedAttendance.objects.bulk_create(
