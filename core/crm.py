@@ -52,7 +52,7 @@ from zoneinfo import ZoneInfo
 import requests
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import BooleanField, Count, F, Max, Value
+from django.db.models import Count, F, Max
 from django.utils import timezone
 
 from core.models import (
@@ -1435,10 +1435,11 @@ FEED_MAX_LIMIT = 1000
 # cursor below it has not read a change older than the retention, and may
 # miss a dropped version: it is answered 410.
 FEED_STATE_NAME = "crm_feed"
-# A record's fields as the feed reads them, from ProcessedAttendance (the
+# A record's columns as the feed reads them, from ProcessedAttendance (the
 # current versions) and ProcessedAttendanceVersion (older versions, tombstones)
-# alike; render_records turns them into the contract's shape.
-_FEED_FIELDS = (
+# alike. Names are looked up after: joins inside the UNION would keep
+# PostgreSQL from reading both tables in change order and stopping at the limit.
+_FEED_COLUMNS = (
     "user_id",
     "work_date",
     "version",
@@ -1449,11 +1450,9 @@ _FEED_FIELDS = (
     "is_outlier",
     "outlier_reasons",
     "is_manual",
-    "employee__name",
-    "clock_in_device__name",
-    "clock_in_device__timezone",
-    "clock_out_device__name",
-    "clock_out_device__timezone",
+    "employee_id",
+    "clock_in_device_id",
+    "clock_out_device_id",
 )
 
 
@@ -1501,10 +1500,59 @@ class _Cursor:
             ) from None
 
 
-def _feed_rows(queryset, *, seq: str, deleted):
-    columns = {"f_seq": F(seq), "f_deleted": deleted}
-    columns.update({f"f_{n}": F(n) for n in _FEED_FIELDS})
-    return queryset.order_by().values(**columns)
+def _feed_rows(*, after: int, start: int, limit: int) -> list[dict]:
+    """The next `limit` versions after change `after`, from both tables, in one
+    statement (one snapshot: a version moving between them is seen in one of them).
+
+    Each table is read in change order up to the limit, through its own index,
+    and the two short lists are merged: the planner does not merge two indexes
+    under a UNION's ORDER BY … LIMIT by itself, and sorted both tables whole.
+    """
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(c) for c in _FEED_COLUMNS)
+    since_start = f"AND {quote('replaced_by')} > %s" if after < start else ""
+    live_seq, seq = quote("change_seq"), quote("seq")
+    sql = (
+        f"SELECT * FROM ("
+        f"SELECT * FROM (SELECT {live_seq} AS seq, {quote('id')} AS day_id, %s AS deleted,"
+        f" {columns} FROM {quote(ProcessedAttendance._meta.db_table)}"
+        f" WHERE {live_seq} > %s ORDER BY {live_seq} LIMIT %s) AS live"
+        f" UNION ALL "
+        f"SELECT * FROM (SELECT {seq}, {quote('day_id')}, {quote('deleted')}, {columns}"
+        f" FROM {quote(ProcessedAttendanceVersion._meta.db_table)}"
+        f" WHERE {seq} > %s {since_start} ORDER BY {seq} LIMIT %s) AS older"
+        f") AS feed ORDER BY seq LIMIT %s"
+    )
+    params = [False, after, limit, after, *([start] if since_start else []), limit, limit]
+    # Raw rows as ProcessedAttendanceVersion instances: the model's converters
+    # decode each column alike on both databases. They are never saved.
+    return [
+        {"seq": v.seq, "deleted": v.deleted, **{c: getattr(v, c) for c in _FEED_COLUMNS}}
+        for v in ProcessedAttendanceVersion.objects.raw(sql, params)
+    ]
+
+
+def _with_names(rows: list[dict]) -> list[dict]:
+    """Adds the employee and device names and zones render_records reads (two queries)."""
+    employees = dict(
+        Employee.objects.filter(pk__in={r["employee_id"] for r in rows} - {None}).values_list(
+            "pk", "name"
+        )
+    )
+    wanted = {r[k] for r in rows for k in ("clock_in_device_id", "clock_out_device_id")}
+    devices = {
+        pk: (name, zone)
+        for pk, name, zone in Device.objects.filter(pk__in=wanted - {None}).values_list(
+            "pk", "name", "timezone"
+        )
+    }
+    for row in rows:
+        row["employee__name"] = employees.get(row["employee_id"])
+        for end in ("clock_in_device", "clock_out_device"):
+            row[f"{end}__name"], row[f"{end}__timezone"] = devices.get(
+                row[f"{end}_id"], (None, None)
+            )
+    return rows
 
 
 def _last_change() -> int:
@@ -1539,16 +1587,7 @@ def crm_changes(*, cursor: str | None = None, limit: int = 100) -> ChangesPage:
     """
     position = _Cursor.decode(cursor) if cursor else _Cursor(0, _last_change())
     limit = max(1, min(limit, FEED_MAX_LIMIT))
-    live = _feed_rows(
-        ProcessedAttendance.objects.filter(change_seq__gt=position.after),
-        seq="change_seq",
-        deleted=Value(False, output_field=BooleanField()),
-    )
-    older = ProcessedAttendanceVersion.objects.filter(seq__gt=position.after)
-    if position.after < position.start:
-        older = older.filter(replaced_by__gt=position.start)
-    older = _feed_rows(older, seq="seq", deleted=F("deleted"))
-    rows = list(live.union(older, all=True).order_by("f_seq")[: limit + 1])
+    rows = _feed_rows(after=position.after, start=position.start, limit=limit + 1)
     # Checked after the read: a prune that committed before it is seen here.
     if cursor and feed_horizon() > max(position.after, position.start):
         raise CursorExpired(
@@ -1559,7 +1598,7 @@ def crm_changes(*, cursor: str | None = None, limit: int = 100) -> ChangesPage:
             "pass does not serve."
         )
     has_more = len(rows) > limit
-    rows = [{name[2:]: value for name, value in row.items()} for row in rows[:limit]]
+    rows = _with_names(rows[:limit])
     records = render_records(rows)
     for record, row in zip(records, rows, strict=True):
         record["deleted"] = row["deleted"]
@@ -1582,6 +1621,13 @@ def crm_feed_prune(*, now: datetime.datetime | None = None) -> int:
     prunes do not interleave. Raises nothing of its own.
     """
     cutoff = (now or timezone.now()) - datetime.timedelta(days=settings.CRM_FEED_RETENTION_DAYS)
+    # One probe of the index on recorded_at when nothing is due, which is most
+    # runs: a processing run pays nothing for a large history.
+    oldest = ProcessedAttendanceVersion.objects.order_by("recorded_at").values_list(
+        "recorded_at", flat=True
+    )[:1]
+    if not oldest or oldest[0] >= cutoff:
+        return 0
     newest = ProcessedAttendanceVersion.objects.aggregate(top=Max("seq"))["top"]
     expired = ProcessedAttendanceVersion.objects.filter(recorded_at__lt=cutoff).exclude(seq=newest)
     top = expired.aggregate(top=Max("replaced_by"))["top"]
