@@ -374,7 +374,7 @@ def update_days(changed: list[tuple[int, tuple]], *, now: datetime.datetime) -> 
     # pull feed's history in one INSERT rather than one per row (migration 0011).
     # The statement's lock trigger has run before nextval is called.
     assignments.append("change_seq = nextval('core_processed_change_seq')")
-    kept = ", ".join(f"p.{quote(c)}" for c in _VERSION_COLUMNS)
+    kept = ", ".join(f"o.{quote(c)}" for c in _VERSION_COLUMNS)
     with connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS processing_changed ON COMMIT DROP AS "
@@ -385,21 +385,20 @@ def update_days(changed: list[tuple[int, tuple]], *, now: datetime.datetime) -> 
             copy.set_types(types)
             for pk, row in changed:
                 copy.write_row((pk, *row))
-        # One statement, one snapshot: `old` reads the rows as they were before
-        # the UPDATE beside it.
+        # The FROM list reads each row a second time, as `o`: in the statement's
+        # snapshot, so as it was before this UPDATE, which RETURNING hands to
+        # the INSERT with the number the row now has.
         day_id, *rest = (quote(c) for c in _VERSION_COLUMNS)
         cursor.execute(
-            f"WITH old AS ("
-            f"  SELECT p.change_seq, {kept} FROM {table} AS p"
-            f"  JOIN processing_changed AS t ON p.id = t.id WHERE p.change_seq IS NOT NULL"
-            f"), new AS ("
+            f"WITH new AS ("
             f"  UPDATE {table} AS p SET {', '.join(assignments)}"
-            f"  FROM processing_changed AS t WHERE p.id = t.id RETURNING p.id, p.change_seq"
+            f"  FROM processing_changed AS t JOIN {table} AS o ON o.id = t.id"
+            f"  WHERE p.id = t.id"
+            f"  RETURNING p.change_seq AS replaced_by, o.change_seq, {kept}"
             f") INSERT INTO {quote(ProcessedAttendanceVersion._meta.db_table)} "
             f"(seq, replaced_by, day_id, deleted, {', '.join(rest)}, recorded_at) "
-            f"SELECT old.change_seq, new.change_seq, old.{day_id}, false, "
-            f"{', '.join(f'old.{c}' for c in rest)}, %s "
-            f"FROM old JOIN new ON new.id = old.id",
+            f"SELECT change_seq, replaced_by, {day_id}, false, {', '.join(rest)}, %s "
+            f"FROM new WHERE change_seq IS NOT NULL",
             [*_DUE.values(), now, now],
         )
         cursor.execute("TRUNCATE processing_changed")
