@@ -9,13 +9,16 @@ defaults: a SQLite file and a filesystem broker, both under var/.
 """
 
 import datetime
+import ipaddress
 import os
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
+from kombu import Exchange, Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env")
@@ -131,7 +134,8 @@ ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # The admin, with the HR status page as its first page (core.admin_status).
+    "core.apps.BridgeAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -140,15 +144,20 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "auditlog",
     "core",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the admin's CSS and JS from gunicorn, collected by start_server.sh.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # The audit log's actor and address (core.audit): after authentication.
+    "core.audit.AuditActorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -173,6 +182,13 @@ TEMPLATES = [
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
+# Compressed copies beside each file, served by WhiteNoise. Not the manifest
+# variant: that one fails every page whose static files were not collected
+# (tests, a first `runserver`), for a cache gain the admin does not need.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # All stored times are aware UTC. Device-local wall-clock times are converted
@@ -226,17 +242,56 @@ if not CELERY_BROKER_URL:
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
         "store_processed": False,
+        # Its exchange table, which kombu otherwise writes to ./control.
+        "control_folder": str(_broker_dir / "control"),
     }
+else:
+    # How long Redis waits for an unacknowledged task before giving it to
+    # another worker. Far above the hard time limit (checked below), so a
+    # task that is still running is never handed out twice.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER", False)
 # A task is acknowledged only after it ran, so a worker killed mid-task leaves
 # it on the queue; every task is idempotent, so running one twice is harmless.
 CELERY_TASK_ACKS_LATE = True
-# One task at a time per worker process: polls and deliveries are long-ish I/O.
+# ... and that includes a worker process killed by the system (out of memory):
+# its task goes back to the queue instead of being acknowledged as failed.
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# A worker that loses the broker stops its acknowledged-late tasks, which the
+# broker hands out again; otherwise they would run twice at the same time.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# One task at a time per worker process: polls and deliveries are long-ish I/O,
+# and a prefetched task would wait behind a slow one while other workers idle.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# A hung device or CRM must not hold a worker forever.
+# A hung device or CRM must not hold a worker forever. Both limits stay far
+# below the broker's visibility timeout and below LATE_COMMIT_MARGIN (checked
+# in the schedule section): a poll's write-to-commit cannot outlast its task.
 CELERY_TASK_SOFT_TIME_LIMIT = envint("CELERY_TASK_SOFT_TIME_LIMIT", 300, minimum=1)
 CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 60
-CELERY_TIMEZONE = "UTC"
+# JSON only: task arguments are ids and small values, and a worker never
+# unpickles what another process put on the broker.
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+# Nothing reads task results; the stages record their outcome in the database.
+CELERY_TASK_IGNORE_RESULT = True
+# One queue per kind of work, so a slow CRM or a long processing run never
+# holds polls back. A worker started without --queues consumes all three.
+CELERY_TASK_QUEUES = [
+    Queue(name, Exchange(name), routing_key=name) for name in ("devices", "processing", "crm")
+]
+CELERY_TASK_DEFAULT_QUEUE = "processing"
+CELERY_TASK_ROUTES = {
+    "core.tasks.poll_device": {"queue": "devices"},
+    "core.tasks.poll_all_devices": {"queue": "devices"},
+    "core.tasks.test_device": {"queue": "devices"},
+    "core.tasks.sync_device_time": {"queue": "devices"},
+    "core.tasks.clear_device_log": {"queue": "devices"},
+    "core.tasks.sync_to_crm": {"queue": "crm"},
+    "core.tasks.sync_punches_to_crm": {"queue": "crm"},
+    "core.tasks.retry_failed_syncs": {"queue": "crm"},
+}
 
 
 # --- Devices and ingest --------------------------------------------------------------
@@ -245,8 +300,6 @@ CELERY_TIMEZONE = "UTC"
 DEVICE_DEFAULT_TIMEZONE = envzone("DEVICE_DEFAULT_TIMEZONE", "UTC")
 # Seconds a device may take to answer before the poll gives up on it.
 DEVICE_TIMEOUT_SECONDS = envint("DEVICE_TIMEOUT_SECONDS", 30, minimum=1)
-# Minutes between scheduled polls of every enabled device.
-POLL_INTERVAL_MINUTES = envint("POLL_INTERVAL_MINUTES", 5, minimum=1)
 # A full download is forced this often even when the record count is unchanged,
 # because a device can be cleared and refilled to the same count.
 FULL_POLL_HOURS = envint("FULL_POLL_HOURS", 24, minimum=1)
@@ -257,6 +310,35 @@ SUSPECT_FUTURE_TOLERANCE = envduration("SUSPECT_FUTURE_TOLERANCE", "1d")
 # (admin health, the poll's log line); its punches are still judged by the
 # server's time.
 CLOCK_DRIFT_ALERT_SECONDS = envint("CLOCK_DRIFT_ALERT_SECONDS", 300, minimum=1)
+
+
+# --- Clocks that push (ADMS, core.adms) -------------------------------------------------
+
+# Enable a clock the first time its serial number calls in; off, it waits
+# (disabled, its records kept on the clock) until an operator enables it.
+ADMS_AUTO_APPROVE = envbool("ADMS_AUTO_APPROVE", False)
+# Addresses (CIDR, comma-separated) allowed to call /iclock/; empty allows any.
+# Behind a reverse proxy this is the proxy's address: filter at the proxy too.
+ADMS_ALLOWED_NETWORKS = []
+for _network in envlist("ADMS_ALLOWED_NETWORKS", []):
+    try:
+        ADMS_ALLOWED_NETWORKS.append(ipaddress.ip_network(_network, strict=False))
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"ADMS_ALLOWED_NETWORKS must be CIDR networks such as 10.0.0.0/8, got {_network!r}"
+        ) from None
+# Seconds between a clock's polls for commands (Delay, 2 to 60 on firmware).
+ADMS_DELAY_SECONDS = envint("ADMS_DELAY_SECONDS", 10, minimum=1)
+# Seconds a clock waits before it tries again after a failure (ErrorDelay).
+ADMS_ERROR_DELAY_SECONDS = envint("ADMS_ERROR_DELAY_SECONDS", 30, minimum=1)
+# Minutes between a clock's checks for new records to upload (TransInterval);
+# live punches come at once anyway (Realtime=1).
+ADMS_TRANS_INTERVAL_MINUTES = envint("ADMS_TRANS_INTERVAL_MINUTES", 1, minimum=0)
+# A command handed to a clock and not answered within this is marked failed.
+ADMS_COMMAND_TIMEOUT = envduration("ADMS_COMMAND_TIMEOUT", "10m")
+# Larger request bodies get 413. Firmware sends batches of at most ~150
+# records; a refused body is sent again, so keep this well above that.
+ADMS_MAX_BODY_BYTES = envint("ADMS_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 
 
 # --- Daily processing ----------------------------------------------------------------
@@ -351,6 +433,97 @@ DELIVERY_LOG_DAYS = envint("DELIVERY_LOG_DAYS", 30, minimum=1)
 CRM_FEED_RETENTION_DAYS = envint("CRM_FEED_RETENTION_DAYS", 14, minimum=1)
 
 
+# --- HR status page (core.status) ---------------------------------------------------
+
+# The zone whose date is "today" on the admin's status page (who is in, punches
+# per hour); unset or empty, DEVICE_DEFAULT_TIMEZONE.
+COMPANY_TIMEZONE = (
+    envzone("COMPANY_TIMEZONE", DEVICE_DEFAULT_TIMEZONE)
+    if envstr("COMPANY_TIMEZONE", "").strip()
+    else DEVICE_DEFAULT_TIMEZONE
+)
+# A device whose log holds this share of its capacity or more is shown as
+# nearly full, before it starts overwriting or refusing punches.
+DEVICE_LOG_FULL_ALERT_PERCENT = envint("DEVICE_LOG_FULL_ALERT_PERCENT", 90, minimum=1)
+if DEVICE_LOG_FULL_ALERT_PERCENT > 100:
+    raise ImproperlyConfigured(
+        f"DEVICE_LOG_FULL_ALERT_PERCENT must be at most 100, got {DEVICE_LOG_FULL_ALERT_PERCENT}"
+    )
+
+# --- Schedule (Celery beat) ------------------------------------------------------------
+# Intervals in minutes; fractions are allowed (0.25 is 15 s, for tests).
+
+# Every enabled device is polled this often, each by its own task.
+POLL_INTERVAL_MINUTES = envfloat("POLL_INTERVAL_MINUTES", 15, minimum=0.05)
+# Processing also runs this often; a poll that stored punches starts a run at once.
+PROCESS_INTERVAL_MINUTES = envfloat("PROCESS_INTERVAL_MINUTES", 60, minimum=0.05)
+# Delivery (CRM_API_URL, CRM_PUNCHES_URL) also runs this often; a processing
+# run that changed days, or a poll with new punches, starts one at once.
+SYNC_INTERVAL_MINUTES = envfloat("SYNC_INTERVAL_MINUTES", 30, minimum=0.05)
+# When daily_cleanup runs (retention, device logs), in DEVICE_DEFAULT_TIMEZONE.
+DAILY_CLEANUP_AT = envtime("DAILY_CLEANUP_AT", "02:00")
+# Raw punches and daily records older than this many days are deleted once
+# delivered (core.retention); 0 keeps everything.
+RETENTION_DAYS = envint("RETENTION_DAYS", 0, minimum=0)
+# Clear a device's attendance log at daily_cleanup once every record on it is
+# verified stored and the log is fuller than CLEAR_DEVICE_LOGS_AT_PERCENT.
+CLEAR_DEVICE_LOGS = envbool("CLEAR_DEVICE_LOGS", False)
+CLEAR_DEVICE_LOGS_AT_PERCENT = envfloat("CLEAR_DEVICE_LOGS_AT_PERCENT", 80, minimum=0)
+if CLEAR_DEVICE_LOGS_AT_PERCENT >= 100:
+    raise ImproperlyConfigured(
+        f"CLEAR_DEVICE_LOGS_AT_PERCENT must be below 100, got {CLEAR_DEVICE_LOGS_AT_PERCENT:g}"
+    )
+
+if CELERY_TASK_TIME_LIMIT >= LATE_COMMIT_MARGIN.total_seconds():
+    raise ImproperlyConfigured(
+        f"CELERY_TASK_SOFT_TIME_LIMIT + 60 s ({CELERY_TASK_TIME_LIMIT} s) must be below "
+        f"LATE_COMMIT_MARGIN ({LATE_COMMIT_MARGIN.total_seconds():g} s): processing relies on a "
+        "poll committing within the margin. Lower the one or raise the other."
+    )
+if CELERY_TASK_TIME_LIMIT * 4 > 3600:
+    raise ImproperlyConfigured(
+        f"CELERY_TASK_SOFT_TIME_LIMIT is {CELERY_TASK_SOFT_TIME_LIMIT} s; at most 840 s keeps "
+        "tasks far below the broker's visibility timeout (3600 s)."
+    )
+
+# Crontab entries (DAILY_CLEANUP_AT) are read in the company's zone; task
+# times on the broker stay UTC.
+CELERY_TIMEZONE = DEVICE_DEFAULT_TIMEZONE
+
+
+def _every(minutes: float) -> dict:
+    # A periodic message older than its interval is dropped: the next one is due.
+    return {"schedule": minutes * 60, "options": {"expires": minutes * 60}}
+
+
+CELERY_BEAT_SCHEDULE = {
+    "poll-all-devices": {"task": "core.tasks.poll_all_devices", **_every(POLL_INTERVAL_MINUTES)},
+    "process-attendance": {
+        "task": "core.tasks.process_attendance",
+        **_every(PROCESS_INTERVAL_MINUTES),
+    },
+    "retry-failed-syncs": {
+        "task": "core.tasks.retry_failed_syncs",
+        **_every(RETRY_FAILED_SYNCS_HOURS * 60),
+    },
+    "daily-cleanup": {
+        "task": "core.tasks.daily_cleanup",
+        "schedule": crontab(hour=DAILY_CLEANUP_AT.hour, minute=DAILY_CLEANUP_AT.minute),
+        "options": {"expires": 3600},
+    },
+}
+if CRM_API_URL:
+    CELERY_BEAT_SCHEDULE["sync-to-crm"] = {
+        "task": "core.tasks.sync_to_crm",
+        **_every(SYNC_INTERVAL_MINUTES),
+    }
+if CRM_PUNCHES_URL:
+    CELERY_BEAT_SCHEDULE["sync-punches-to-crm"] = {
+        "task": "core.tasks.sync_punches_to_crm",
+        **_every(SYNC_INTERVAL_MINUTES),
+    }
+
+
 # --- REST API ------------------------------------------------------------------------
 
 REST_FRAMEWORK = {
@@ -372,24 +545,123 @@ SPECTACULAR_SETTINGS = {
 }
 
 
+# --- Audit log (core.audit, django-auditlog) ---------------------------------------------
+
+# Before/after values stored as JSON (numbers, booleans and nulls keep their
+# type) rather than as text.
+AUDITLOG_STORE_JSON_CHANGES = True
+# The models whose saves and deletes auditlog's signals record; core.audit
+# records the set-based changes itself. A device's polling state is written
+# by polls, never by a person; its comm key shows only as set or not set.
+# Reverse relations are left out, or a create would list them as changed.
+AUDITLOG_INCLUDE_TRACKING_MODELS = (
+    {
+        "model": "core.device",
+        "exclude_fields": [
+            "serial_number",
+            "firmware",
+            "platform",
+            "device_name",
+            "user_count",
+            "user_capacity",
+            "record_count",
+            "record_capacity",
+            "clock_drift_seconds",
+            "last_poll_at",
+            "last_success_at",
+            "last_full_download_at",
+            "last_error",
+            "consecutive_failures",
+            "last_record_count",
+            "last_serial_number",
+            "created_at",
+            "updated_at",
+            "punches",
+            "employees",
+        ],
+        "mask_fields": ["comm_key"],
+        "mask_callable": "core.audit.mask_secret",
+    },
+    {
+        "model": "core.employee",
+        "exclude_fields": ["created_at", "updated_at", "days"],
+        "m2m_fields": ["devices"],
+    },
+)
+
+
 # --- Logging -------------------------------------------------------------------------
+# One line per poll, processing run and delivery batch (core.ingest,
+# core.processing, core.crm), on stderr; JSON lines for a log collector with
+# LOG_FORMAT=json; also into a rotating file with LOG_FILE. Web, worker and
+# beat may share one LOG_FILE: the handler takes a file lock to rotate it.
 
 LOG_LEVEL = envstr("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
     raise ImproperlyConfigured(
         f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {LOG_LEVEL!r}"
     )
+# plain: "time LEVEL logger: message"; json: one JSON object per line.
+LOG_FORMAT = envstr("LOG_FORMAT", "plain").strip().lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, got {LOG_FORMAT!r}")
+# A file that gets every log line too (relative to the project folder); empty: none.
+LOG_FILE = envstr("LOG_FILE", "").strip()
+# The file is rotated at this size, keeping this many old files.
+LOG_FILE_MAX_MB = envint("LOG_FILE_MAX_MB", 50, minimum=1)
+LOG_FILE_BACKUPS = envint("LOG_FILE_BACKUPS", 5, minimum=1)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
     },
+}
+if LOG_FILE:
+    _log_file = BASE_DIR / LOG_FILE
+    _log_file.parent.mkdir(parents=True, exist_ok=True)
+    LOGGING["handlers"]["file"] = {
+        "class": "concurrent_log_handler.ConcurrentRotatingFileHandler",
+        "formatter": LOG_FORMAT,
+        "filename": str(_log_file),
+        "maxBytes": LOG_FILE_MAX_MB * 1024 * 1024,
+        "backupCount": LOG_FILE_BACKUPS,
+    }
+    LOGGING["root"]["handlers"].append("file")
+
+
+# --- Operations: health, metrics, heartbeat -------------------------------------------
+
+# The bearer token a Prometheus scraper sends to GET /metrics; empty: /metrics
+# answers 404 (it is never open).
+METRICS_TOKEN = envstr("METRICS_TOKEN", "")
+# Seconds between heartbeats: beat queues core.tasks.heartbeat, a worker runs
+# it and records the time, so a fresh heartbeat proves beat, broker, worker and
+# database all work. /health/ fails when the last is older than five intervals.
+HEARTBEAT_INTERVAL_SECONDS = envint("HEARTBEAT_INTERVAL_SECONDS", 60, minimum=5)
+# An enabled device with no successful poll for this many minutes is overdue
+# (/health/ fails); default three poll intervals.
+DEVICE_OVERDUE_MINUTES = envfloat("DEVICE_OVERDUE_MINUTES", 3 * POLL_INTERVAL_MINUTES, minimum=0.1)
+# collectstatic fills it; made here so WhiteNoise finds it before the first run.
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+# Beat keeps its schedule state beside the other runtime files.
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE["heartbeat"] = {
+    "task": "core.tasks.heartbeat",
+    "schedule": float(HEARTBEAT_INTERVAL_SECONDS),
+    # A heartbeat that waited longer than an interval is stale: drop it.
+    "options": {"expires": float(HEARTBEAT_INTERVAL_SECONDS)},
 }

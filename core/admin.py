@@ -5,15 +5,31 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.db.models import OuterRef, Q, Subquery
+from django.db.models import Count, OuterRef, Q, Subquery
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from core.crm import crm_resend, crm_reset_failed
+# The Timesheets page and the audit log's admin register themselves there.
+from core import admin_reports  # noqa: F401
+from core.admin_adms import (
+    ConnectionFilter,
+    PushDeviceActions,
+    PushEmployeeActions,
+    push_health,
+)
+from core.audit import audit_changes, audit_clock_set
+from core.crm import crm_punch_resend, crm_punch_reset_failed, crm_resend, crm_reset_failed
 from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
-from core.models import DeliveryLog, Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import (
+    DeliveryLog,
+    Device,
+    Employee,
+    ProcessedAttendance,
+    PunchDelivery,
+    RawAttendance,
+)
 from core.processing import (
     attendance_discard_edits,
     attendance_edit,
@@ -81,7 +97,7 @@ class DeviceForm(forms.ModelForm):
 
 
 @admin.register(Device)
-class DeviceAdmin(admin.ModelAdmin):
+class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
     form = DeviceForm
     list_display = [
         "name",
@@ -91,12 +107,13 @@ class DeviceAdmin(admin.ModelAdmin):
         "last_success_at",
         "consecutive_failures",
         "log_fill",
+        "records",
         "clock_drift",
         "short_error",
     ]
-    list_filter = ["enabled", "protocol"]
+    list_filter = ["enabled", "protocol", ConnectionFilter]
     search_fields = ["name", "ip_address", "serial_number"]
-    actions = ["poll_now", "test_connection", "sync_clock"]
+    actions = ["poll_now", "test_connection", "sync_clock", *PushDeviceActions.push_actions]
     readonly_fields = [
         "serial_number",
         "firmware",
@@ -117,6 +134,16 @@ class DeviceAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
         "comm_key_state",
+        # Clocks that push (core.adms)
+        "first_seen_at",
+        "last_seen_at",
+        "push_address",
+        "attlog_stamp",
+        "operlog_stamp",
+        "fingerprint_count",
+        "reported_ip",
+        "newest_record_at",
+        "push_options",
     ]
     fieldsets = [
         (
@@ -159,7 +186,28 @@ class DeviceAdmin(admin.ModelAdmin):
                 ]
             },
         ),
+        (
+            "Push (Cloud server): clocks that call this server, found by serial number",
+            {
+                "fields": [
+                    ("first_seen_at", "last_seen_at", "push_address"),
+                    ("attlog_stamp", "operlog_stamp", "newest_record_at"),
+                    ("fingerprint_count", "reported_ip"),
+                    "push_options",
+                ]
+            },
+        ),
     ]
+
+    def get_queryset(self, request):
+        stored = (
+            RawAttendance.objects.filter(device=OuterRef("pk"))
+            .order_by()
+            .values("device")
+            .annotate(count=Count("pk"))
+            .values("count")
+        )
+        return super().get_queryset(request).annotate(stored_punches=Subquery(stored))
 
     def get_fieldsets(self, request, obj=None):
         fieldsets = super().get_fieldsets(request, obj)
@@ -195,10 +243,21 @@ class DeviceAdmin(admin.ModelAdmin):
 
     @admin.display(description="address")
     def address(self, device):
+        if not device.ip_address:
+            where = f" from {device.push_address}" if device.push_address else ""
+            return f"pushes{where} (serial {device.serial_number or '?'})"
         return f"{device.ip_address}:{device.port}/{device.protocol}"
+
+    @admin.display(description="records (clock / stored)")
+    def records(self, device):
+        clock = "—" if device.record_count is None else device.record_count
+        return f"{clock} / {device.stored_punches or 0}"
 
     @admin.display(description="health")
     def health(self, device):
+        if not device.ip_address:
+            # A pushing clock calls every ADMS_DELAY_SECONDS: silence means down.
+            return format_html(*push_health(device, now=timezone.now()))
         if device.last_poll_at is None:
             return "never polled"
         if device.consecutive_failures:
@@ -233,7 +292,9 @@ class DeviceAdmin(admin.ModelAdmin):
     @admin.action(description="Poll now", permissions=["poll_device"])
     def poll_now(self, request, queryset):
         for result in devices_poll(devices=queryset):
-            if not result.ok:
+            if result.busy:
+                level = messages.WARNING
+            elif not result.ok:
                 level = messages.ERROR
             else:
                 level = messages.WARNING if result.warnings else messages.SUCCESS
@@ -264,6 +325,7 @@ class DeviceAdmin(admin.ModelAdmin):
             except DeviceError as exc:
                 self.message_user(request, f"{device.name}: {exc}", messages.ERROR)
             else:
+                audit_clock_set(actor=request.user, device=device, set_to=local_now)
                 self.message_user(
                     request,
                     f"{device.name}: clock set to {local_now:%Y-%m-%d %H:%M:%S} ({device.timezone})",
@@ -275,12 +337,13 @@ class DeviceAdmin(admin.ModelAdmin):
 
 
 @admin.register(Employee)
-class EmployeeAdmin(admin.ModelAdmin):
+class EmployeeAdmin(PushEmployeeActions, admin.ModelAdmin):
     list_display = ["user_id", "name", "card", "privilege", "work_start_time", "work_end_time"]
     search_fields = ["user_id", "name"]
     list_filter = ["devices"]
     filter_horizontal = ["devices"]
     readonly_fields = ["created_at", "updated_at"]
+    actions = ["delete_selected", *PushEmployeeActions.push_actions]
 
 
 # --- Raw punches ---------------------------------------------------------------------
@@ -429,12 +492,17 @@ class RawAttendanceAdmin(admin.ModelAdmin):
         count = queryset.count()  # before the update: a filter on the verdict would change it
         if form.is_bound and form.is_valid():
             try:
-                written = punches_judge(
+                with audit_changes(
+                    actor=request.user,
+                    action="punches_judge",
                     ids=queryset.values_list("pk", flat=True),
-                    suspect=suspect,
-                    reason=form.cleaned_data["reason"],
-                    user=request.user,
-                )
+                ) as ids:
+                    written = punches_judge(
+                        ids=ids,
+                        suspect=suspect,
+                        reason=form.cleaned_data["reason"],
+                        user=request.user,
+                    )
             except ValueError as exc:
                 form.add_error("reason", str(exc))
             else:
@@ -715,12 +783,13 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if {"clock_in", "clock_out"} & set(form.changed_data):
-            edited = attendance_edit(
-                record_id=obj.pk,
-                clock_in=form.cleaned_data["clock_in"],
-                clock_out=form.cleaned_data["clock_out"],
-                user=request.user,
-            )
+            with audit_changes(actor=request.user, action="attendance_edit", ids=[obj.pk]):
+                edited = attendance_edit(
+                    record_id=obj.pk,
+                    clock_in=form.cleaned_data["clock_in"],
+                    clock_out=form.cleaned_data["clock_out"],
+                    user=request.user,
+                )
             obj.__dict__.update(edited.__dict__)
 
     def has_add_permission(self, request):
@@ -771,14 +840,22 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Mark reviewed", permissions=["change"])
     def mark_reviewed(self, request, queryset):
-        count = attendance_mark_reviewed(
-            ids=queryset.values_list("pk", flat=True), user=request.user
-        )
+        with audit_changes(
+            actor=request.user,
+            action="attendance_mark_reviewed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = attendance_mark_reviewed(ids=ids, user=request.user)
         self.message_user(request, f"{count} day(s) marked reviewed.", messages.SUCCESS)
 
     @admin.action(description="Discard HR edits and recompute from punches", permissions=["change"])
     def discard_edits(self, request, queryset):
-        result = attendance_discard_edits(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="attendance_discard_edits",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            result = attendance_discard_edits(ids=ids)
         self.message_user(request, f"Edits discarded: {result.summary()}", messages.SUCCESS)
 
     @admin.display(description="delivery error")
@@ -793,7 +870,10 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resend to the CRM", permissions=["resend_processedattendance"])
     def resend(self, request, queryset):
-        count = crm_resend(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user, action="crm_resend", ids=queryset.values_list("pk", flat=True)
+        ) as ids:
+            count = crm_resend(ids=ids)
         self.message_user(
             request,
             f"{count} day(s) due for delivery again; the next sync_to_crm run sends them.",
@@ -805,7 +885,12 @@ class ProcessedAttendanceAdmin(admin.ModelAdmin):
         permissions=["reset_failed_processedattendance"],
     )
     def reset_failed(self, request, queryset):
-        count = crm_reset_failed(ids=queryset.values_list("pk", flat=True))
+        with audit_changes(
+            actor=request.user,
+            action="crm_reset_failed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_reset_failed(ids=ids)
         self.message_user(
             request,
             f"{count} failed day(s) due for delivery again; the next sync_to_crm run sends "
@@ -844,3 +929,148 @@ class DeliveryLogAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # kept DELIVERY_LOG_DAYS, then dropped by the sync run
+
+
+# --- Raw punch deliveries (CRM_PUNCHES_URL) ------------------------------------------------
+
+
+@admin.register(PunchDelivery)
+class PunchDeliveryAdmin(admin.ModelAdmin):
+    """Each registered raw punch on its way to CRM_PUNCHES_URL: its state, attempts
+    and the CRM's answer. Written by core.crm only; delivered punches are dropped
+    LATE_COMMIT_MARGIN after. Resend and Reset failed each need their own permission."""
+
+    list_display = [
+        "punch_time",
+        "employee_id",
+        "device",
+        "sync_state",
+        "sync_attempts",
+        "last_sync_attempt",
+        "crm_status",
+        "answer",
+    ]
+    list_filter = ["sync_state", "raw__device"]
+    search_fields = ["=raw__user_id"]
+    list_select_related = ["raw__device"]
+    show_full_result_count = False
+    ordering = ["-pk"]
+    actions = ["resend", "reset_failed"]
+    fieldsets = [
+        (None, {"fields": ["raw", ("employee_id", "device", "punch_time")]}),
+        (
+            "Delivery to the CRM",
+            {
+                "fields": [
+                    ("sync_state", "sync_attempts", "resend_count"),
+                    ("last_sync_attempt", "next_sync_at"),
+                    "last_sync_error",
+                    ("crm_status", "crm_response"),
+                    ("delivery_key", "delivery_lease_until"),
+                    "created_at",
+                ]
+            },
+        ),
+    ]
+    readonly_fields = [
+        "raw",
+        "employee_id",
+        "device",
+        "punch_time",
+        "sync_state",
+        "sync_attempts",
+        "resend_count",
+        "last_sync_attempt",
+        "next_sync_at",
+        "last_sync_error",
+        "crm_status",
+        "crm_response",
+        "delivery_key",
+        "delivery_lease_until",
+        "created_at",
+    ]
+
+    @admin.display(description="employee ID", ordering="raw__user_id")
+    def employee_id(self, row):
+        return row.raw.user_id
+
+    @admin.display(description="device", ordering="raw__device__name")
+    def device(self, row):
+        return row.raw.device.name
+
+    @admin.display(description="punch (device local time)", ordering="raw__timestamp")
+    def punch_time(self, row):
+        moment = row.raw.timestamp.astimezone(row.raw.device.zone)
+        return moment.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+    @admin.display(description="CRM answer or error")
+    def answer(self, row):
+        return (row.last_sync_error or row.crm_response)[:100]
+
+    def has_add_permission(self, request):
+        return False  # registered by each sync_to_crm run
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def has_resend_punchdelivery_permission(self, request):
+        return request.user.has_perm("core.resend_punchdelivery")
+
+    def has_reset_failed_punchdelivery_permission(self, request):
+        return request.user.has_perm("core.reset_failed_punchdelivery")
+
+    @admin.action(description="Resend to the CRM", permissions=["resend_punchdelivery"])
+    def resend(self, request, queryset):
+        with audit_changes(
+            actor=request.user,
+            action="crm_punch_resend",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_punch_resend(ids=ids)
+        self.message_user(
+            request,
+            f"{count} punch(es) due for delivery again; the next sync_to_crm run sends them. "
+            "Punches held back as suspect stay held until their verdict is cleared.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(
+        description="Reset failed deliveries (send at the next run)",
+        permissions=["reset_failed_punchdelivery"],
+    )
+    def reset_failed(self, request, queryset):
+        with audit_changes(
+            actor=request.user,
+            action="crm_punch_reset_failed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_punch_reset_failed(ids=ids)
+        self.message_user(
+            request,
+            f"{count} failed punch(es) due for delivery again; the next sync_to_crm run sends "
+            "them. Punches that had not failed were left as they were.",
+            messages.SUCCESS,
+        )
+
+
+# --- HR status page (core.admin_status) ----------------------------------------------
+# The filters its figures link to, added here in one place so the lists above
+# stay as they are.
+
+from core.admin_status import (  # noqa: E402
+    DeviceStatusFilter,
+    PresenceFilter,
+    PunchDeliveryFilter,
+    ReviewFilter,
+)
+
+DeviceAdmin.list_filter = [*DeviceAdmin.list_filter, DeviceStatusFilter]
+ProcessedAttendanceAdmin.list_filter = [
+    *ProcessedAttendanceAdmin.list_filter,
+    PresenceFilter,
+    ReviewFilter,
+]
+RawAttendanceAdmin.list_filter = [*RawAttendanceAdmin.list_filter, PunchDeliveryFilter]

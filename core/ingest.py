@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
@@ -30,6 +30,8 @@ from django.db import OperationalError, ProgrammingError, connection, connection
 from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
+from core import metrics
+from core.audit import AuditEntry, audit_record
 from core.models import Device, Employee, RawAttendance
 from core.zk.client import DeviceClient, DeviceError, DeviceSizes, DeviceUser, Punch
 
@@ -58,8 +60,18 @@ class PollResult:
     # The poll succeeded but the operator should look: e.g. user names that are
     # not valid in the device's encoding.
     warnings: list[str] = field(default_factory=list)
+    # Another worker held the device (device_lease_claim): this poll did nothing.
+    busy: bool = False
+
+    def line(self) -> str:
+        """The summary on one line without the device's name (the log line has
+        it), warnings counted (each has its own log line)."""
+        text = self.summary().split("\n", 1)[0].removeprefix(f"{self.device_name}: ")
+        return text + (f"; {len(self.warnings)} warning(s)" if self.warnings else "")
 
     def summary(self) -> str:
+        if self.busy:
+            return f"{self.device_name}: skipped, another worker is polling it"
         if not self.ok:
             line = f"{self.device_name}: FAILED after {self.seconds:.2f}s: {self.error}"
         elif self.quick:
@@ -316,7 +328,19 @@ def employees_store(*, device: Device, users: Iterable[DeviceUser]) -> int:
 # --- Polling ---------------------------------------------------------------------------
 
 
-def client_for(device: Device) -> DeviceClient:
+# What a poll reports as it goes, for a progress display: ("records", count on
+# the device) before a download, ("bytes", size of a chunk) during it,
+# ("storing", punches downloaded) after it.
+PollProgress = Callable[[str, int], None]
+
+
+def client_for(device: Device, *, on_bytes: Callable[[int], None] | None = None) -> DeviceClient:
+    """Raises DeviceError for a device without an IP address: it pushes (core.adms)."""
+    if not device.ip_address:
+        raise DeviceError(
+            f"{device.name} has no IP address: it pushes its punches (Cloud server) and "
+            "cannot be polled or reached from here"
+        )
     return DeviceClient(
         host=device.ip_address,
         port=device.port,
@@ -324,6 +348,7 @@ def client_for(device: Device) -> DeviceClient:
         comm_key=device.comm_key,
         timeout=device.timeout_seconds,
         encoding=device.encoding,
+        on_bytes=on_bytes,
     )
 
 
@@ -337,7 +362,9 @@ def _needs_download(
     return device.last_serial_number != serial or device.last_record_count != sizes.records
 
 
-def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
+def device_poll(
+    *, device: Device, force_full: bool = False, progress: PollProgress | None = None
+) -> PollResult:
     """Polls one device and stores its new punches.
 
     Idempotent: a punch already stored is not stored again, only judged again
@@ -345,14 +372,17 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
     unchanged since the last download is not downloaded again (until
     FULL_POLL_HOURS have passed or `force_full`).
     Never raises for a device problem: the failure is recorded on the device
-    (last_error, consecutive_failures) and returned in the result.
+    (last_error, consecutive_failures) and returned in the result. Each poll
+    writes one log line and adds to the poll totals of /metrics (core.metrics);
+    `progress`, when given, is told how the download goes (PollProgress).
     """
     started = time.monotonic()
     result = PollResult(device_id=device.pk, device_name=device.name)
     now = timezone.now()
     zone = device.zone
     try:
-        with client_for(device) as client:
+        on_bytes = (lambda size: progress("bytes", size)) if progress else None
+        with client_for(device, on_bytes=on_bytes) as client:
             sizes = client.read_sizes()
             identity = client.read_identity()
             device_now = client.get_time()
@@ -362,6 +392,8 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
             users: list[DeviceUser] = []
             punches: list[Punch] = []
             if download:
+                if progress:
+                    progress("records", sizes.records)
                 # Disabled for the read: counts and log from one quiet moment.
                 log = client.read_log()
                 sizes, users, punches = log.sizes, log.users, log.punches
@@ -392,6 +424,8 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
         logger.warning("Device %s (id %s): %s", device.name, device.pk, warning)
     try:
         if download:
+            if progress:
+                progress("storing", len(punches))
             rows, result.suspect = _rows(punches, zone=zone, latest=latest_plausible(zone, now=now))
             with transaction.atomic():
                 # Stamped as the rows are written, so processing's late-commit
@@ -405,20 +439,24 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
                     last_serial_number=identity["serial_number"],
                 )
                 Device.objects.filter(pk=device.pk).update(**facts)
+                metrics.counter_add(
+                    counts=[
+                        (metrics.POLLS, device.pk, "downloaded", 1),
+                        (metrics.PUNCHES_STORED, device.pk, "", counts.new),
+                    ]
+                )
             result.new, result.revised = counts.new, counts.revised
             result.downloaded = len(rows)
             result.duplicates = len(rows) - result.new
         else:
             result.quick = True
-            Device.objects.filter(pk=device.pk).update(**facts)
+            with transaction.atomic():
+                Device.objects.filter(pk=device.pk).update(**facts)
+                metrics.counter_add(counts=[(metrics.POLLS, device.pk, "unchanged", 1)])
     except OperationalError as exc:
         if not _database_locked(exc):
             raise
-        result.error = (
-            f"the database was locked by another process for more than {_busy_timeout()} s "
-            "(SQLITE_BUSY_TIMEOUT_SECONDS); nothing from this device was stored, the next poll "
-            "tries again"
-        )
+        result.error = _locked_error()
         result.seconds = time.monotonic() - started
         logger.warning("Poll of device %s (id %s) failed: %s", device.name, device.pk, exc)
         try:
@@ -432,6 +470,7 @@ def device_poll(*, device: Device, force_full: bool = False) -> PollResult:
         logger.warning("Poll of device %s (id %s): %s", device.name, device.pk, warning)
     result.ok = True
     result.seconds = time.monotonic() - started
+    logger.info("Poll of device %s (id %s): %s", device.name, device.pk, result.line())
     return result
 
 
@@ -468,45 +507,277 @@ def _busy_timeout() -> float:
     return connection.settings_dict.get("OPTIONS", {}).get("timeout", 5)
 
 
-def device_record_failure(*, device: Device, error: str, at: datetime.datetime) -> None:
-    Device.objects.filter(pk=device.pk).update(
-        last_poll_at=at,
-        last_error=error,
-        consecutive_failures=F("consecutive_failures") + 1,
+def _locked_error() -> str:
+    return (
+        f"the database was locked by another process for more than {_busy_timeout()} s "
+        "(SQLITE_BUSY_TIMEOUT_SECONDS); nothing from this device was stored, the next poll "
+        "tries again"
     )
+
+
+def device_record_failure(*, device: Device, error: str, at: datetime.datetime) -> None:
+    with transaction.atomic():
+        Device.objects.filter(pk=device.pk).update(
+            last_poll_at=at,
+            last_error=error,
+            consecutive_failures=F("consecutive_failures") + 1,
+        )
+        metrics.counter_add(counts=[(metrics.POLLS, device.pk, "failed", 1)])
     device.refresh_from_db(fields=["last_poll_at", "last_error", "consecutive_failures"])
 
 
-def _poll_guarded(device: Device, force_full: bool) -> PollResult:
+def _poll_guarded(
+    device: Device, force_full: bool, progress: Callable[[Device, str, int], None] | None = None
+) -> PollResult:
+    report = (lambda event, amount: progress(device, event, amount)) if progress else None
+    # The scheduled polls' lease: a device a worker is polling is skipped.
     try:
-        return device_poll(device=device, force_full=force_full)
+        until = device_lease_claim(device_id=device.pk, lease=poll_lease())
+    except OperationalError as exc:
+        if not _database_locked(exc):
+            raise
+        logger.warning("Poll of device %s (id %s) failed: %s", device.name, device.pk, exc)
+        return PollResult(device_id=device.pk, device_name=device.name, error=_locked_error())
+    if until is None:
+        return PollResult(device_id=device.pk, device_name=device.name, busy=True)
+    try:
+        return device_poll(device=device, force_full=force_full, progress=report)
     except Exception as exc:
         # A bug must not stop the other devices' polls; it is logged with the id.
         logger.exception("Unexpected error polling device %s (id %s)", device.name, device.pk)
         error = f"internal error: {exc.__class__.__name__}: {exc}"
         device_record_failure(device=device, error=error, at=timezone.now())
         return PollResult(device_id=device.pk, device_name=device.name, error=error)
+    finally:
+        device_lease_release(device_id=device.pk, until=until)
 
 
-def _poll_in_thread(device: Device, force_full: bool) -> PollResult:
+def _poll_in_thread(
+    device: Device, force_full: bool, progress: Callable[[Device, str, int], None] | None
+) -> PollResult:
     try:
-        return _poll_guarded(device, force_full)
+        return _poll_guarded(device, force_full, progress)
     finally:
         connections.close_all()
 
 
 def devices_poll(
-    *, devices: Iterable[Device] | None = None, force_full: bool = False, workers: int = 4
+    *,
+    devices: Iterable[Device] | None = None,
+    force_full: bool = False,
+    workers: int = 4,
+    progress: Callable[[Device, str, int], None] | None = None,
 ) -> list[PollResult]:
-    """Polls several devices side by side; a slow or failing one does not hold up the rest."""
-    devices = list(Device.objects.filter(enabled=True) if devices is None else devices)
+    """Polls several devices side by side; a slow or failing one does not hold up the rest.
+
+    Each under its lease (device_lease_claim): a device a worker is polling
+    right now is skipped, its result marked `busy`. Devices without an IP
+    address push their punches (core.adms) and are skipped. Idempotent as
+    device_poll is; never raises for a device problem. `progress` is told each
+    device's PollProgress events, possibly from several threads.
+    """
+    if devices is None:
+        devices = Device.objects.filter(enabled=True)
+    devices = [device for device in devices if device.ip_address]
     if not devices:
         return []
     if len(devices) == 1 or workers <= 1 or connection.vendor == "sqlite":
         # SQLite allows one writer at a time; threads would only queue on its lock.
-        return [_poll_guarded(device, force_full) for device in devices]
+        return [_poll_guarded(device, force_full, progress) for device in devices]
     with ThreadPoolExecutor(max_workers=min(workers, len(devices))) as pool:
-        return list(pool.map(lambda d: _poll_in_thread(d, force_full), devices))
+        return list(pool.map(lambda d: _poll_in_thread(d, force_full, progress), devices))
+
+
+# --- One worker per device ---------------------------------------------------------------
+
+
+def poll_lease() -> datetime.timedelta:
+    """How long a poll holds its device: longer than a task may run (its hard
+    time limit), so a lease is never taken from a poll still running."""
+    return datetime.timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 30)
+
+
+def device_lease_claim(*, device_id: int, lease: datetime.timedelta) -> datetime.datetime | None:
+    """Claims the right to talk to one device for `lease`; returns the lease's
+    end (the caller's token for device_lease_release), or None when another
+    worker holds it or the device is gone.
+
+    One conditional UPDATE (claimed when free or expired), so workers on any
+    number of machines sharing the database never hold one device together.
+    A worker that dies leaves the lease to expire: `lease` must outlast the
+    longest poll (the task's hard time limit). Idempotent per holder; raises
+    nothing for a missing device.
+    """
+    now = timezone.now()
+    until = now + lease
+    claimed = (
+        Device.objects.filter(pk=device_id)
+        .filter(Q(poll_lease_until__isnull=True) | Q(poll_lease_until__lte=now))
+        .update(poll_lease_until=until)
+    )
+    return until if claimed else None
+
+
+def device_lease_release(*, device_id: int, until: datetime.datetime) -> bool:
+    """Gives the lease back, only if it is still the caller's (the same end);
+    returns whether it was. Idempotent; raises nothing."""
+    return bool(
+        Device.objects.filter(pk=device_id, poll_lease_until=until).update(poll_lease_until=None)
+    )
+
+
+def device_poll_leased(
+    *, device_id: int, lease: datetime.timedelta, force_full: bool = False
+) -> PollResult | None:
+    """Polls one device (device_poll) under its lease, as the scheduled polls do.
+
+    Returns None when the device is gone or disabled, a result with `busy`
+    when another worker holds the device (nothing is done), else the poll's
+    result. Idempotent like device_poll; raises what device_poll raises (a
+    database failure), after giving the lease back.
+    """
+    device = Device.objects.filter(pk=device_id, enabled=True).first()
+    if device is None:
+        logger.info("Device %s is gone or disabled; not polled.", device_id)
+        return None
+    until = device_lease_claim(device_id=device_id, lease=lease)
+    if until is None:
+        logger.info("Device %s (id %s) is being polled by another worker.", device.name, device_id)
+        return PollResult(device_id=device_id, device_name=device.name, busy=True)
+    try:
+        return device_poll(device=device, force_full=force_full)
+    finally:
+        device_lease_release(device_id=device_id, until=until)
+
+
+# --- Clearing a device's log -----------------------------------------------------------
+
+
+@dataclass
+class ClearResult:
+    device_id: int
+    device_name: str
+    cleared: bool = False
+    records: int = 0
+    fill_percent: float | None = None
+    # Why the log was kept, or why the device could not be reached.
+    reason: str = ""
+    error: str = ""
+
+
+def devices_log_clear_due(*, at_percent: float) -> list[int]:
+    """Ids of enabled, polled devices whose log was fuller than `at_percent` at
+    their last poll: those worth connecting to for device_clear_log. A pushing
+    clock (no IP address) cannot be reached to be cleared. Reads only."""
+    return [
+        device.pk
+        for device in Device.objects.filter(
+            enabled=True,
+            ip_address__isnull=False,
+            record_count__isnull=False,
+            record_capacity__gt=0,
+        ).only("pk", "record_count", "record_capacity")
+        if device.log_fill_percent is not None and device.log_fill_percent > at_percent
+    ]
+
+
+def _unstored_reason(device: Device, log) -> str:
+    """ "" when every record of the device's log is stored, else what is missing.
+
+    Count and newest record: the records found stored must be as many as the
+    log holds (each distinct one), and the newest must be among them. One
+    query for the stored keys in the log's time span, none per punch.
+    """
+    if not log.punches:
+        return "the log is empty"
+    zone = device.zone
+    rows, _ = _rows(log.punches, zone=zone, latest=latest_plausible(zone, now=timezone.now()))
+    keys = {(row[0], row[1]) for row in rows}
+    stored = set(
+        RawAttendance.objects.filter(
+            device=device,
+            timestamp__gte=min(key[1] for key in keys),
+            timestamp__lte=max(key[1] for key in keys),
+        ).values_list("user_id", "timestamp")
+    )
+    found = len(keys & stored)
+    newest = max(keys, key=lambda key: key[1])
+    if found != len(keys) or newest not in stored:
+        return (
+            f"{len(keys) - found} of its {len(keys)} records are not stored yet "
+            f"(newest stored: {'yes' if newest in stored else 'no'}); the next poll stores them"
+        )
+    return ""
+
+
+def _record_device_clear(*, device: Device, records: int, fill_percent: float | None) -> None:
+    """The one place a device log clear is recorded: the application log and
+    the audit log (no actor: the daily cleanup clears, not a person)."""
+    audit_record(
+        actor=None,
+        action="device_clear_log",
+        model=Device,
+        entries=[AuditEntry.of(device, {"record_count": [records, 0]}, fill_percent=fill_percent)],
+    )
+    logger.warning(
+        "Cleared the attendance log of device %s (id %s): %s records, all verified stored; "
+        "the log was %s%% full",
+        device.name,
+        device.pk,
+        records,
+        fill_percent,
+    )
+
+
+def device_clear_log(
+    *, device_id: int, at_percent: float, lease: datetime.timedelta
+) -> ClearResult | None:
+    """Clears a device's attendance log when it is fuller than `at_percent` and
+    every record on it is verified stored (count and newest record match).
+
+    Under the device's lease (no poll runs meanwhile) and with the device
+    disabled from the read to the clear, so no punch can be taken between the
+    check and the clear (see DeviceClient.clear_log_if). Idempotent: a log
+    that was cleared is empty, under any threshold, and is left alone.
+    Returns None when the device is gone or disabled, a result with `reason`
+    when the log was kept; never raises for a device problem (`error`).
+    """
+    device = Device.objects.filter(pk=device_id, enabled=True).first()
+    if device is None:
+        logger.info("Device %s is gone or disabled; its log is not cleared.", device_id)
+        return None
+    result = ClearResult(device_id=device_id, device_name=device.name)
+    until = device_lease_claim(device_id=device_id, lease=lease)
+    if until is None:
+        result.reason = "another worker is polling the device; the next cleanup tries again"
+        return result
+
+    def check(log) -> str:
+        sizes = log.sizes
+        if sizes.records_capacity:
+            result.fill_percent = round(100.0 * sizes.records / sizes.records_capacity, 1)
+        if result.fill_percent is None or result.fill_percent <= at_percent:
+            return f"the log is {result.fill_percent}% full, not more than {at_percent:g}%"
+        return _unstored_reason(device, log)
+
+    try:
+        with client_for(device) as client:
+            log, result.reason = client.clear_log_if(check)
+    except DeviceError as exc:
+        result.error = str(exc)
+        logger.warning("Log clear of device %s (id %s) failed: %s", device.name, device.pk, exc)
+        return result
+    finally:
+        device_lease_release(device_id=device_id, until=until)
+    result.records = len(log.punches)
+    if result.reason:
+        logger.info("Log of device %s (id %s) kept: %s", device.name, device.pk, result.reason)
+        return result
+    result.cleared = True
+    # The next poll compares the device's count with this: an empty log is nothing new.
+    Device.objects.filter(pk=device.pk).update(record_count=0, last_record_count=0)
+    _record_device_clear(device=device, records=result.records, fill_percent=result.fill_percent)
+    return result
 
 
 def device_sync_time(*, device: Device) -> datetime.datetime:

@@ -52,8 +52,15 @@ class Device(models.Model):
 
     # --- what the operator sets ---
     name = models.CharField(max_length=100, unique=True)
-    # IPv4 only: ZKTeco clocks and pyzk speak IPv4.
-    ip_address = models.GenericIPAddressField("IP address", protocol="IPv4")
+    # IPv4 only: ZKTeco clocks and pyzk speak IPv4. Empty for a clock that
+    # pushes its punches over HTTP (core.adms): only devices with one are polled.
+    ip_address = models.GenericIPAddressField(
+        "IP address",
+        protocol="IPv4",
+        null=True,
+        blank=True,
+        help_text="Where to poll the clock; leave empty for a clock that pushes (Cloud server).",
+    )
     port = models.PositiveIntegerField(
         default=4370, validators=[MinValueValidator(1), MaxValueValidator(65535)]
     )
@@ -79,7 +86,13 @@ class Device(models.Model):
         default=Encoding.UTF8,
         help_text="How the clock writes user names; a name that is not valid in it is reported.",
     )
-    enabled = models.BooleanField(default=True, help_text="Disabled devices are not polled.")
+    enabled = models.BooleanField(
+        default=True,
+        help_text=(
+            "Disabled devices are not polled; a disabled clock that pushes is refused and "
+            "keeps its records until it is enabled (approved)."
+        ),
+    )
     # Outlier rule overrides for everyone punching on this device (a warehouse
     # with early shifts); empty means the WORK_START_TIME / WORK_END_TIME settings.
     work_start_time = models.TimeField(null=True, blank=True)
@@ -110,12 +123,46 @@ class Device(models.Model):
     last_serial_number = models.CharField(
         max_length=64, blank=True, help_text="Serial number seen at the last successful download."
     )
+    # Who may talk to the device right now (core.ingest.device_lease): a poll
+    # or a log clear holds it until this moment. Workers on several machines
+    # claim it with one conditional UPDATE, so two never read one device at
+    # once; a worker that dies leaves it to expire.
+    poll_lease_until = models.DateTimeField(null=True, blank=True, editable=False)
+
+    # --- push (ADMS, core.adms): a clock that calls /iclock/ itself ---
+    # Set at its first contact; a device never seen pushing has none.
+    first_seen_at = models.DateTimeField(null=True, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    push_address = models.GenericIPAddressField(
+        "pushes from", null=True, blank=True, help_text="The address its last request came from."
+    )
+    # The clock's upload cursors (ZK-encoded times), echoed at its next handshake.
+    attlog_stamp = models.CharField("ATTLOG stamp", max_length=20, blank=True, default="")
+    operlog_stamp = models.CharField("OPERLOG stamp", max_length=20, blank=True, default="")
+    fingerprint_count = models.PositiveIntegerField(null=True, blank=True)
+    reported_ip = models.CharField(
+        "reported IP address", max_length=45, blank=True, default="", help_text="As the clock says."
+    )
+    # The options the clock sent with its last INFO result.
+    push_options = models.JSONField(default=dict, blank=True)
+    newest_record_at = models.DateTimeField(
+        null=True, blank=True, help_text="The newest punch the clock has uploaded (UTC)."
+    )
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            # A pushing clock is found by its serial number: two rows without
+            # an address for one serial would split its punches.
+            models.UniqueConstraint(
+                fields=["serial_number"],
+                condition=models.Q(ip_address__isnull=True) & ~models.Q(serial_number=""),
+                name="device_push_serial_unique",
+            ),
+        ]
         # Talking to a clock is more than changing its row: each has its own
         # permission, so a view-only user can look at devices and change nothing.
         permissions = [
@@ -131,6 +178,11 @@ class Device(models.Model):
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def pushes(self) -> bool:
+        """The clock has called /iclock/ (core.adms) at least once."""
+        return self.first_seen_at is not None
 
     @property
     def log_fill_percent(self) -> float | None:
@@ -486,6 +538,11 @@ class PunchDelivery(DeliveryState):
                 condition=~models.Q(delivery_key=""),
             ),
         ]
+        # As for daily records: sending again is more than viewing a delivery.
+        permissions = [
+            ("resend_punchdelivery", "Can resend raw punches to the CRM"),
+            ("reset_failed_punchdelivery", "Can make failed punch deliveries due again"),
+        ]
 
     def __str__(self) -> str:
         return f"punch {self.raw_id}: {self.sync_state}"
@@ -541,3 +598,131 @@ class DeliveryLog(models.Model):
     def __str__(self) -> str:
         status = self.status_code or self.error[:40] or "no answer"
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.records} records: {status}"
+
+
+class Timesheet(ProcessedAttendance):
+    """The timesheet report (core.reports) in the admin and the API: a proxy of
+    the daily records for its page and its one permission, core.view_timesheet."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "timesheet"
+        verbose_name_plural = "timesheets"
+        default_permissions = ("view",)
+
+
+class RunRequest(models.Model):
+    """A follow-up run asked for and not started yet (core.pipeline): at most
+    one queued run per name, however many polls ask, across every worker."""
+
+    name = models.CharField(max_length=50, unique=True)
+    # Set when a run is queued, cleared when it starts; a run queued but lost
+    # (a broker flushed) stops blocking new requests at this moment.
+    queued_until = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# --- Operations: what /health/ and /metrics read (core.health, core.metrics) ---------
+
+
+class Heartbeat(models.Model):
+    """When a periodic job last ran: `beat` is written by core.tasks.heartbeat,
+    which beat queues and a worker runs."""
+
+    name = models.CharField(max_length=50, unique=True)
+    at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.at:%Y-%m-%d %H:%M:%S} UTC"
+
+
+class Counter(models.Model):
+    """A running total for /metrics (polls by outcome, punches stored, processing
+    runs, delivered records by outcome), kept in the database so that every web
+    and worker process, on every machine, adds to and reads the same figure.
+    Written with one upsert per event (core.metrics.counter_add), never per punch.
+    """
+
+    name = models.CharField(max_length=50)
+    # 0 when the total is not a device's; a plain number, so that a deleted
+    # device's totals go with no constraint to check.
+    device_id = models.PositiveIntegerField(default=0)
+    outcome = models.CharField(max_length=20, blank=True, default="")
+    value = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["name", "device_id", "outcome"], name="counter_unique_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.device_id},{self.outcome}] = {self.value}"
+
+
+# --- Clocks that push (ADMS, core.adms) ----------------------------------------------
+
+
+class DeviceCommand(models.Model):
+    """A command for a pushing clock, handed over at its next poll (getrequest)
+    and answered by its result (devicecmd). Its id is the protocol's CmdID."""
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        SENT = "sent", "Sent, waiting for the result"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="commands")
+    command = models.TextField(help_text="The command line exactly as the clock receives it.")
+    state = models.CharField(max_length=6, choices=State.choices, default=State.QUEUED)
+    return_code = models.IntegerField(null=True, blank=True)
+    result = models.TextField(blank=True, help_text="What the clock answered.")
+    created_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(default=now)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    answered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "device command"
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["device", "state"], name="device_command_due")]
+        # Each kind of command has its own permission; user commands take
+        # core.manage_device_users (Device).
+        permissions = [
+            ("send_info_command", "Can ask pushing devices for their info"),
+            ("send_check_command", "Can make pushing devices re-read their options"),
+            ("send_reboot_command", "Can reboot pushing devices"),
+            ("send_reupload_command", "Can make pushing devices upload a date range again"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.pk}: {self.command[:60]} ({self.state})"
+
+
+class PushRejectedLine(models.Model):
+    """A line of a clock's upload that could not be read: kept for an operator,
+    while the rest of the batch is stored and acknowledged."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="rejected_lines")
+    table = models.CharField(max_length=32)
+    line = models.TextField(help_text="The line as received (bytes that are not text replaced).")
+    reason = models.CharField(max_length=200)
+    # sha256 of the raw line: a batch sent again does not record its lines twice.
+    digest = models.CharField(max_length=64)
+    received_at = models.DateTimeField(default=now)
+
+    class Meta:
+        verbose_name = "rejected push line"
+        ordering = ["-received_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["device", "table", "digest"], name="push_rejected_line_once"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.table} line from device {self.device_id}: {self.reason}"

@@ -21,24 +21,44 @@ find_python() {
     return 1
 }
 
-if [ ! -x .venv/bin/python ]; then
-    PY="$(find_python)"
-    echo "Creating virtualenv .venv with $PY"
-    "$PY" -m venv .venv
-fi
-
+# True when a stamp file exists and no requirements file changed after it.
+installed() {
+    [ -f "$1" ] && [ -z "$(find requirements*.txt -newer "$1" 2>/dev/null)" ]
+}
 stamp=".venv/.installed-$(basename "$REQUIREMENTS")"
-if [ ! -f "$stamp" ] || [ -n "$(find requirements*.txt -newer "$stamp" 2>/dev/null)" ]; then
-    echo "Installing $REQUIREMENTS into .venv"
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -r "$REQUIREMENTS"
-    touch "$stamp"
-fi
+# The test requirements include the runtime ones: having those is enough.
+ready() {
+    [ -x .venv/bin/python ] && { installed "$stamp" || installed .venv/.installed-requirements-dev.txt; }
+}
 
-if [ ! -f .env ]; then
-    echo "Creating .env from .env.example with a fresh SECRET_KEY"
-    key="$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(50))')"
-    sed "s|^SECRET_KEY=.*|SECRET_KEY=$key|" .env.example > .env
+if ! ready || [ ! -f .env ]; then
+    # Web, worker and beat may start together (systemd after an upgrade): one
+    # installs, the others wait for it and then find everything in place.
+    if command -v flock >/dev/null 2>&1; then
+        exec {bootstrap_lock}>.bootstrap.lock
+        flock "$bootstrap_lock"
+    fi
+    if [ ! -x .venv/bin/python ]; then
+        PY="$(find_python)"
+        echo "Creating virtualenv .venv with $PY"
+        "$PY" -m venv .venv
+    fi
+    if ! ready; then
+        echo "Installing $REQUIREMENTS into .venv"
+        .venv/bin/python -m pip install --quiet --upgrade pip
+        .venv/bin/python -m pip install --quiet -r "$REQUIREMENTS"
+        touch "$stamp"
+    fi
+    if [ ! -f .env ]; then
+        echo "Creating .env from .env.example with a fresh SECRET_KEY"
+        key="$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+        # Whole or not at all: another process may read it any moment.
+        sed "s|^SECRET_KEY=.*|SECRET_KEY=$key|" .env.example > .env.new
+        mv .env.new .env
+    fi
+    if [ -n "${bootstrap_lock:-}" ]; then
+        exec {bootstrap_lock}>&-
+    fi
 fi
 
 # shellcheck disable=SC1091

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
@@ -18,6 +18,7 @@ from django.db import connection, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
+from core import metrics
 from core.crm import crm_feed_prune
 from core.models import ProcessedAttendance, RawAttendance
 from core.processing import planning, storage
@@ -85,17 +86,26 @@ def _calendar() -> Calendar:
 
 
 def _recompute(
-    groups: list[Group], *, calendar: Calendar, now: datetime.datetime, result: ProcessingResult
+    groups: list[Group],
+    *,
+    calendar: Calendar,
+    now: datetime.datetime,
+    result: ProcessingResult,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     # Batches of employees with nearby windows, so each batch's bounds stay tight.
     groups.sort(key=lambda g: (g.since is not None, g.since or UTC_MIN, g.user_id))
     whole = [g for g in groups if g.since is None]
     recent = groups[len(whole) :]
     size = USER_BATCH_INCREMENTAL if connection.vendor == "postgresql" else USER_BATCH
+    if progress is not None:
+        progress(0, len(groups))
     for part, batch_size in ((whole, USER_BATCH), (recent, size)):
         for start in range(0, len(part), batch_size):
             batch = part[start : start + batch_size]
             _recompute_batch(batch, calendar=calendar, now=now, result=result)
+            if progress is not None:
+                progress(result.groups_recomputed, len(groups))
 
 
 def _chains(
@@ -209,6 +219,7 @@ def attendance_process(
     full: bool = False,
     date_from: datetime.date | None = None,
     date_to: datetime.date | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ProcessingResult:
     """Builds ProcessedAttendance from raw punches.
 
@@ -221,8 +232,10 @@ def attendance_process(
     bumps no version. A changed row gets version + 1 and is due for delivery
     again; HR-edited rows are never overwritten. Runs hold a lock, so two never
     interleave. Each run also drops the pull feed's versions past their
-    retention (core.crm.crm_feed_prune). Raises ValueError for a bad
-    combination of arguments.
+    retention (core.crm.crm_feed_prune). `progress`, when given, is called
+    with (employees done, employees to do) after each batch. Each run adds to
+    the processing totals of /metrics (core.metrics). Raises ValueError for a
+    bad combination of arguments.
     """
     if full and (date_from or date_to):
         raise ValueError("Use either full or a date range, not both.")
@@ -244,11 +257,19 @@ def attendance_process(
             groups = planning.range_groups(date_from, date_to)
         else:
             groups, result.new_punches = planning.new_groups(state)
-        _recompute(groups, calendar=calendar, now=now, result=result)
+        _recompute(groups, calendar=calendar, now=now, result=result, progress=progress)
         if mode != "range":
             planning.record_run(state, max_id=max_id, started=now)
         # The feed's older versions and tombstones age out here, under the lock.
         crm_feed_prune(now=now)
+        metrics.counter_add(
+            counts=[
+                (metrics.PROCESSING_RUNS, 0, mode, 1),
+                (metrics.PROCESSING_ROWS, 0, "created", result.rows_created),
+                (metrics.PROCESSING_ROWS, 0, "changed", result.rows_changed),
+                (metrics.PROCESSING_ROWS, 0, "removed", result.rows_deleted + result.rows_voided),
+            ]
+        )
     result.seconds = time.monotonic() - started
     logger.info("Attendance processing: %s", result.summary())
     return result

@@ -531,19 +531,48 @@ def test_live_capture_receives_a_pushed_punch(zk_emulator, udp):
     assert conn.disconnect() is True
 
 
+def test_generating_a_weekend_only_window_gives_the_punches_asked_for():
+    sunday = datetime(2026, 12, 6, 12, 0)
+    state = DeviceState.generate(users=1, punches=3, days=1, seed=2, now=sunday)
+    assert len(state.attendance) == 3
+    assert all(record.timestamp <= sunday for record in state.attendance)
+
+
+def test_live_interval_punches_into_the_log_with_no_client_listening(zk_emulator):
+    emu = zk_emulator(small_state(), live_interval=0.1)
+    deadline = time.monotonic() + 10
+    while len(emu.state.attendance) < 302 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert emu.event_listeners() == 0
+    assert len(emu.state.attendance) >= 302
+    users = {user.user_id for user in emu.state.users}
+    assert {record.user_id for record in emu.state.attendance[300:]} <= users
+
+
+def test_live_interval_makes_no_punch_while_the_device_is_disabled(zk_emulator):
+    emu = zk_emulator(small_state(), live_interval=0.05)
+    conn = connect(emu)
+    conn.disable_device()
+    time.sleep(0.1)  # a punch already past the enabled check lands first
+    settled = len(emu.state.attendance)
+    time.sleep(0.4)
+    assert len(emu.state.attendance) == settled
+    conn.enable_device()
+    conn.disconnect()
+    deadline = time.monotonic() + 10
+    while len(emu.state.attendance) == settled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(emu.state.attendance) > settled
+
+
 @TRANSPORTS
-def test_live_interval_punches_only_while_a_client_listens(zk_emulator, udp):
+def test_live_interval_punches_are_pushed_to_a_listening_client(zk_emulator, udp):
     emu = zk_emulator(small_state(), live_interval=0.2)
-    time.sleep(0.5)
-    assert len(emu.state.attendance) == 300
     conn = connect(emu, udp=udp)
     events = capture_live(conn, wanted=2)
     assert len(events) == 2
     log = as_tuples(conn.get_attendance())
     assert set(as_tuples(events)) <= set(log[300:])
-    settled = len(emu.state.attendance)
-    time.sleep(0.6)
-    assert len(emu.state.attendance) == settled
 
 
 @pytest.mark.parametrize("udp, size", [(False, 52), (True, 12)], ids=["tcp", "udp"])
@@ -831,6 +860,13 @@ def test_generation_makes_exactly_the_requested_punches_within_the_window(users,
     assert stamps == sorted(stamps)
     assert all(NOW - timedelta(days=days) <= t <= NOW for t in stamps)
     assert all(r.user_id in known and r.status in (1, 15) for r in state.attendance)
+
+
+def test_generation_over_a_weekend_only_window_still_makes_its_punches():
+    sunday_noon = datetime(2026, 12, 6, 12, 0, 0)
+    state = DeviceState.generate(users=1, punches=1, days=1, seed=2, now=sunday_noon)
+    assert len(state.attendance) == 1
+    assert sunday_noon - timedelta(days=1) <= state.attendance[0].timestamp <= sunday_noon
 
 
 def test_generated_log_looks_like_a_real_one():

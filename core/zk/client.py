@@ -416,9 +416,17 @@ class _ZK(ZK):
       the peer closes, recv() returns b"" forever and the loop never ends.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, on_bytes: Callable[[int], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.helper = _NoProbe(*self._ZK__address)
+        # Told the size of each chunk of a bulk read as it arrives (progress).
+        self.on_bytes = on_bytes
+
+    def _ZK__read_chunk(self, start, size):  # overrides pyzk's name-mangled method
+        data = ZK._ZK__read_chunk(self, start, size)
+        if self.on_bytes is not None:
+            self.on_bytes(len(data))
+        return data
 
     def _ZK__create_socket(self):  # overrides pyzk's name-mangled method
         if self.tcp:
@@ -461,6 +469,7 @@ class DeviceClient:
         comm_key: int = 0,
         timeout: float = 30,
         encoding: str = "utf-8",
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         if protocol not in ("tcp", "udp"):
             raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
@@ -470,6 +479,8 @@ class DeviceClient:
         self.comm_key = comm_key
         self.timeout = timeout
         self.encoding = encoding
+        # Called with the size of each chunk of a bulk read (a progress display).
+        self.on_bytes = on_bytes
         self._zk: _ZK | None = None
 
     @property
@@ -489,6 +500,7 @@ class DeviceClient:
             # lack (pyzk #122); a failed connect says the same more precisely.
             ommit_ping=True,
             encoding=self.encoding,
+            on_bytes=self.on_bytes,
         )
         try:
             with self._errors("connecting"):
@@ -582,6 +594,45 @@ class DeviceClient:
         if problem:
             raise DeviceError(f"the log of {self.address} was read, but {problem}")
         return log
+
+    def clear_log_if(self, check: Callable[[DeviceLog], str]) -> tuple[DeviceLog, str]:
+        """Reads the log as read_log does and clears it only if `check` allows.
+
+        The device stays disabled from the read to the clear, so nobody punches
+        in between (a disabled clock takes no punch; the person punches again
+        once it is enabled). `check` gets the log and returns "" to clear it,
+        else why not. Before clearing, the record count is read again: firmware
+        that records while disabled and took a punch during the check keeps its
+        log. Returns the log and "" when it was cleared, else the reason.
+
+        Raises DeviceError subclasses; the device is enabled again whatever happens.
+        """
+        zk = self._connected()
+        try:
+            with self._errors("disabling the device for the read"):
+                zk.disable_device()
+            log = self._read_disabled()
+            reason = check(log)
+            if not reason:
+                now = self.read_sizes().records
+                if now != log.sizes.records:
+                    reason = (
+                        f"the device recorded {now - log.sizes.records} punches while it was "
+                        "being checked (it records while disabled); the log is kept"
+                    )
+                else:
+                    with self._errors("clearing the attendance log"):
+                        zk.clear_attendance()
+        except BaseException as exc:
+            problem = self._enable_after(exc)
+            if problem and isinstance(exc, DeviceError):
+                raise type(exc)(f"{exc}. Also, {problem}") from exc
+            raise
+        problem = self._enable_after(None)
+        if problem:
+            done = "cleared" if not reason else "read"
+            raise DeviceError(f"the log of {self.address} was {done}, but {problem}")
+        return log, reason
 
     def _read_disabled(self) -> DeviceLog:
         first = self.read_sizes()

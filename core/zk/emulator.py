@@ -500,7 +500,10 @@ class DeviceState:
 
         # Shifts get breaks (2 more punches each) only as often as the requested
         # count needs, aiming a little high so the log is trimmed, not padded.
-        weekdays = sum(1 for k in range(days + 1) if (now.date() - timedelta(k)).weekday() < 5)
+        # At least one: a window that holds only a weekend still gets its few shifts.
+        weekdays = max(
+            1, sum(1 for k in range(days + 1) if (now.date() - timedelta(k)).weekday() < 5)
+        )
         extra_per_shift = max(0.0, 1.08 * punches / (users * weekdays * 0.95) - 2) / 2
         max_breaks = len(_BREAK_HOURS)
 
@@ -1360,9 +1363,10 @@ class ZKEmulator:
     after each GET_FREE_SIZES reply and between the 1504 chunks of a bulk read;
     while the clock is disabled the punch is refused and made again the moment
     it is enabled, unless `ignore_disable` (firmware that records while
-    disabled). `live_interval` seconds: while a client has registered for
-    attendance events (and the device is enabled), a random user punches that
-    often. `clock_offset` seconds is added to this computer's clock to make the
+    disabled). `live_interval` seconds: while the device is enabled, a random
+    user punches that often, whether or not a client listens; the punch goes
+    into the log and to every client registered for attendance events.
+    `clock_offset` seconds is added to this computer's clock to make the
     device clock.
     """
 
@@ -1827,7 +1831,9 @@ class ZKEmulator:
     def _live_loop(self) -> None:
         rng = random.Random()
         while not self._stopping.wait(self.live_interval):
-            if not self.event_listeners() or not self.enabled:
+            # People punch whether or not anyone listens; a disabled clock
+            # refuses them, as a real one does.
+            if not self.enabled:
                 continue
             with self.state.lock:
                 users = list(self.state.users)

@@ -2,6 +2,7 @@ import datetime
 
 from django.core.management.base import BaseCommand, CommandError
 
+from core.management.progress import Progress
 from core.processing import attendance_process
 
 
@@ -35,6 +36,9 @@ class Command(BaseCommand):
             raise CommandError("--from and --to go together: --from 2026-11-01 --to 2026-11-30.")
         if date_from and date_from > date_to:
             raise CommandError(f"--from {date_from} is after --to {date_to}.")
-        result = attendance_process(full=full, date_from=date_from, date_to=date_to)
+        with Progress(desc="processing", unit="employees") as progress:
+            result = attendance_process(
+                full=full, date_from=date_from, date_to=date_to, progress=progress.callback
+            )
         for line in result.lines():
             self.stdout.write(line)

@@ -20,14 +20,18 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("names", nargs="*", metavar="NAME", help="Device name(s).")
         parser.add_argument(
-            "--all", action="store_true", dest="all_devices", help="Every registered device."
+            "--all",
+            action="store_true",
+            dest="all_devices",
+            help="Every registered device with an IP address.",
         )
 
     def handle(self, *args, names=(), all_devices=False, **options):
         if all_devices == bool(names):
             raise CommandError("Name one or more devices, or pass --all.")
         if all_devices:
-            devices = list(Device.objects.all())
+            # Clocks that push have no address to connect to (docs/push.md).
+            devices = list(Device.objects.filter(ip_address__isnull=False))
         else:
             found = {d.name: d for d in Device.objects.filter(name__in=names)}
             missing = [name for name in names if name not in found]

@@ -94,7 +94,7 @@ class Command(BaseCommand):
             "--live-interval",
             type=float,
             metavar="SECONDS",
-            help="While a client listens for events, someone punches this often.",
+            help="Someone punches this often (logged, and pushed to clients listening for events).",
         )
         parser.add_argument(
             "--drop-after-bytes",
@@ -207,7 +207,7 @@ class Command(BaseCommand):
         if emulator.encoding != "utf-8":
             write(f"  user names in {emulator.encoding}")
         if options["live_interval"]:
-            write(f"  live punches every {options['live_interval']} s while a client listens")
+            write(f"  someone punches every {options['live_interval']} s")
         faults = [
             f"reset after {emulator.drop_after_bytes} bytes"
             if emulator.drop_after_bytes is not None

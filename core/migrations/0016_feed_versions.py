@@ -185,7 +185,7 @@ def _run(statements_by_vendor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('core', '0010_punch_delivery_db_defaults'),
+        ('core', '0015_punch_delivery_permissions'),
     ]
 
     operations = [

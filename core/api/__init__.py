@@ -1,0 +1,1 @@
+"""The REST API: views that parse a request, call one stage function, and render."""

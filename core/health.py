@@ -1,0 +1,147 @@
+"""Is the bridge working? The checks behind GET /health/, and the heartbeat."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+from django.db.models import Q
+from django.utils import timezone
+from kombu import Connection
+from kombu.exceptions import KombuError
+
+from core.models import Device, Heartbeat
+
+HEARTBEAT = "beat"
+# A heartbeat this many intervals old means beat, the broker or every worker stopped.
+HEARTBEAT_STALE_INTERVALS = 5
+BROKER_TIMEOUT_SECONDS = 3
+
+
+@dataclass
+class Check:
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Health:
+    checks: dict[str, Check] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "status": "ok" if self.ok else "failing",
+            "failing": [name for name, check in self.checks.items() if not check.ok],
+            "checks": {
+                name: {"ok": check.ok, "detail": check.detail}
+                for name, check in self.checks.items()
+            },
+        }
+
+
+def heartbeat_record(*, at: datetime.datetime | None = None) -> None:
+    """Records that the heartbeat ran now. Idempotent: one row, overwritten.
+
+    One INSERT … ON CONFLICT statement: on SQLite a read that turns into a
+    write inside a transaction fails at once with "database is locked" when a
+    poll is writing, where a single write waits for it.
+    """
+    Heartbeat.objects.bulk_create(
+        [Heartbeat(name=HEARTBEAT, at=at or timezone.now())],
+        update_conflicts=True,
+        unique_fields=["name"],
+        update_fields=["at"],
+    )
+
+
+def _database() -> Check:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except DatabaseError as exc:
+        return Check(False, f"the database does not answer: {exc}".strip())
+    return Check(True, f"{connection.vendor} answers")
+
+
+def _broker() -> Check:
+    url = settings.CELERY_BROKER_URL
+    options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {})
+    # The URL may hold a password: it is never shown, only its transport.
+    transport = url.split("://", 1)[0]
+    try:
+        with Connection(
+            url, connect_timeout=BROKER_TIMEOUT_SECONDS, transport_options=options
+        ) as broker:
+            # The filesystem transport's URL names no host; its default stops
+            # kombu warning about that at every check.
+            broker.hostname = broker.hostname or "localhost"
+            broker.ensure_connection(
+                max_retries=1, interval_start=0, timeout=BROKER_TIMEOUT_SECONDS
+            )
+    except (KombuError, OSError) as exc:
+        return Check(False, f"the {transport} broker cannot be reached: {exc.__class__.__name__}")
+    return Check(True, f"the {transport} broker is reachable")
+
+
+def _heartbeat(now: datetime.datetime) -> Check:
+    at = Heartbeat.objects.filter(name=HEARTBEAT).values_list("at", flat=True).first()
+    limit = datetime.timedelta(
+        seconds=settings.HEARTBEAT_INTERVAL_SECONDS * HEARTBEAT_STALE_INTERVALS
+    )
+    if at is None:
+        return Check(
+            False,
+            "no heartbeat yet: start beat (start_beat.sh) and a worker (start_worker.sh); "
+            f"the first comes within {settings.HEARTBEAT_INTERVAL_SECONDS} s",
+        )
+    age = (now - at).total_seconds()
+    if now - at > limit:
+        return Check(
+            False,
+            f"the last heartbeat is {age:.0f} s old (more than {limit.total_seconds():.0f} s): "
+            "beat, the broker or every worker has stopped",
+        )
+    return Check(True, f"the last heartbeat is {age:.0f} s old")
+
+
+def _devices(now: datetime.datetime) -> Check:
+    cutoff = now - datetime.timedelta(minutes=settings.DEVICE_OVERDUE_MINUTES)
+    # A device never polled counts from when it was added.
+    overdue = list(
+        Device.objects.filter(enabled=True)
+        .filter(
+            Q(last_success_at__lt=cutoff) | Q(last_success_at__isnull=True, created_at__lt=cutoff)
+        )
+        .values_list("name", flat=True)
+    )
+    if overdue:
+        return Check(
+            False,
+            f"{len(overdue)} device(s) without a successful poll for more than "
+            f"{settings.DEVICE_OVERDUE_MINUTES:g} minutes: {', '.join(overdue)}",
+        )
+    return Check(True, "every enabled device was polled successfully in time")
+
+
+def health_check() -> Health:
+    """Runs every check: database, broker, heartbeat, overdue devices. Reads only;
+    never raises for a failing part, which is reported as a failing check."""
+    now = timezone.now()
+    health = Health()
+    health.checks["database"] = _database()
+    health.checks["broker"] = _broker()
+    if health.checks["database"].ok:
+        health.checks["heartbeat"] = _heartbeat(now)
+        health.checks["devices"] = _devices(now)
+    else:
+        skipped = Check(False, "not checked: the database does not answer")
+        health.checks["heartbeat"] = skipped
+        health.checks["devices"] = skipped
+    return health
