@@ -428,6 +428,12 @@ RETRY_FAILED_SYNCS_HOURS = envint("RETRY_FAILED_SYNCS_HOURS", 6, minimum=1)
 # Delivery log entries older than this are deleted by each sync run.
 DELIVERY_LOG_DAYS = envint("DELIVERY_LOG_DAYS", 30, minimum=1)
 
+# --- CRM pull feed ---------------------------------------------------------------------
+
+# Older versions and deletions stay in the changes feed this many days after
+# they were replaced; a cursor older than that is answered 410 (start again).
+CRM_FEED_RETENTION_DAYS = envint("CRM_FEED_RETENTION_DAYS", 14, minimum=1)
+
 
 # --- HR status page (core.status) ---------------------------------------------------
 

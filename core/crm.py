@@ -63,6 +63,7 @@ from core.models import (
     Device,
     Employee,
     ProcessedAttendance,
+    ProcessedAttendanceVersion,
     ProcessingState,
     PunchDelivery,
     RawAttendance,
@@ -1843,10 +1844,38 @@ def _prune_log() -> int:
 # --- The pull feed -----------------------------------------------------------------------
 
 FEED_MAX_LIMIT = 1000
+# The ProcessingState row whose last_raw_id holds the feed's horizon: the
+# highest change number that replaced a version crm_feed_prune dropped. A
+# cursor below it has not read a change older than the retention, and may
+# miss a dropped version: it is answered 410.
+FEED_STATE_NAME = "crm_feed"
+# A record's columns as the feed reads them, from ProcessedAttendance (the
+# current versions) and ProcessedAttendanceVersion (older versions, tombstones)
+# alike. Names are looked up after: joins inside the UNION would keep
+# PostgreSQL from reading both tables in change order and stopping at the limit.
+_FEED_COLUMNS = (
+    "user_id",
+    "work_date",
+    "version",
+    "clock_in",
+    "clock_out",
+    "punch_count",
+    "worked",
+    "is_outlier",
+    "outlier_reasons",
+    "is_manual",
+    "employee_id",
+    "clock_in_device_id",
+    "clock_out_device_id",
+)
 
 
 class InvalidCursor(ValueError):
     """A cursor the feed did not hand out."""
+
+
+class CursorExpired(Exception):
+    """A cursor from before the feed's retention: changes after it were dropped."""
 
 
 @dataclass
@@ -1856,45 +1885,170 @@ class ChangesPage:
     has_more: bool
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"c1:{seq}".encode()).decode().rstrip("=")
+@dataclass(frozen=True)
+class _Cursor:
+    after: int  # the last change served
+    # The last change committed when the consumer started without a cursor:
+    # a version replaced (or a day deleted) by a change up to it was gone
+    # before the consumer started, so it is not served.
+    start: int = 0
+
+    def encode(self) -> str:
+        text = f"c2:{self.after}:{self.start}" if self.after < self.start else f"c1:{self.after}"
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, cursor: str) -> "_Cursor":
+        try:
+            text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+            kind, *numbers = text.split(":")
+            if (kind, len(numbers)) not in (("c1", 1), ("c2", 2)) or not all(
+                n.isdigit() for n in numbers
+            ):
+                raise ValueError
+            return cls(*map(int, numbers))
+        except (ValueError, UnicodeDecodeError, binascii.Error):
+            raise InvalidCursor(
+                f"{cursor!r} is not a cursor of this feed: pass the next_cursor of the previous "
+                "page, or no cursor to start from the beginning."
+            ) from None
 
 
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        version, seq = text.split(":")
-        if version != "c1" or not seq.isdigit():
-            raise ValueError
-        return int(seq)
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise InvalidCursor(
-            f"{cursor!r} is not a cursor of this feed: pass the next_cursor of the previous "
-            "page, or no cursor to start from the beginning."
-        ) from None
+def _feed_rows(*, after: int, start: int, limit: int) -> list[dict]:
+    """The next `limit` versions after change `after`, from both tables, in one
+    statement (one snapshot: a version moving between them is seen in one of them).
+
+    Each table is read in change order up to the limit, through its own index,
+    and the two short lists are merged: the planner does not merge two indexes
+    under a UNION's ORDER BY … LIMIT by itself, and sorted both tables whole.
+    """
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(c) for c in _FEED_COLUMNS)
+    since_start = f"AND {quote('replaced_by')} > %s" if after < start else ""
+    live_seq, seq = quote("change_seq"), quote("seq")
+    sql = (
+        f"SELECT * FROM ("
+        f"SELECT * FROM (SELECT {live_seq} AS seq, {quote('id')} AS day_id, %s AS deleted,"
+        f" {columns} FROM {quote(ProcessedAttendance._meta.db_table)}"
+        f" WHERE {live_seq} > %s ORDER BY {live_seq} LIMIT %s) AS live"
+        f" UNION ALL "
+        f"SELECT * FROM (SELECT {seq}, {quote('day_id')}, {quote('deleted')}, {columns}"
+        f" FROM {quote(ProcessedAttendanceVersion._meta.db_table)}"
+        f" WHERE {seq} > %s {since_start} ORDER BY {seq} LIMIT %s) AS older"
+        f") AS feed ORDER BY seq LIMIT %s"
+    )
+    params = [False, after, limit, after, *([start] if since_start else []), limit, limit]
+    # Raw rows as ProcessedAttendanceVersion instances: the model's converters
+    # decode each column alike on both databases. They are never saved.
+    return [
+        {"seq": v.seq, "deleted": v.deleted, **{c: getattr(v, c) for c in _FEED_COLUMNS}}
+        for v in ProcessedAttendanceVersion.objects.raw(sql, params)
+    ]
+
+
+def _with_names(rows: list[dict]) -> list[dict]:
+    """Adds the employee and device names and zones render_records reads (two queries)."""
+    employees = dict(
+        Employee.objects.filter(pk__in={r["employee_id"] for r in rows} - {None}).values_list(
+            "pk", "name"
+        )
+    )
+    wanted = {r[k] for r in rows for k in ("clock_in_device_id", "clock_out_device_id")}
+    devices = {
+        pk: (name, zone)
+        for pk, name, zone in Device.objects.filter(pk__in=wanted - {None}).values_list(
+            "pk", "name", "timezone"
+        )
+    }
+    for row in rows:
+        row["employee__name"] = employees.get(row["employee_id"])
+        for end in ("clock_in_device", "clock_out_device"):
+            row[f"{end}__name"], row[f"{end}__timezone"] = devices.get(
+                row[f"{end}_id"], (None, None)
+            )
+    return rows
+
+
+def _last_change() -> int:
+    """The highest change number committed (version writers commit in its order)."""
+    live = ProcessedAttendance.objects.aggregate(top=Max("change_seq"))["top"] or 0
+    older = ProcessedAttendanceVersion.objects.aggregate(top=Max("seq"))["top"] or 0
+    return max(live, older)
+
+
+def feed_horizon() -> int:
+    """The highest change number that replaced a version crm_feed_prune dropped (0: none)."""
+    found = ProcessingState.objects.filter(name=FEED_STATE_NAME).values_list(
+        "last_raw_id", flat=True
+    )
+    return next(iter(found), 0)
 
 
 def crm_changes(*, cursor: str | None = None, limit: int = 100) -> ChangesPage:
-    """The daily records changed since `cursor`, oldest change first, in the
-    contract's shape, and the cursor to pass next.
+    """The versions of daily records written since `cursor`, oldest change
+    first, in the contract's shape plus `deleted`, and the cursor to pass next.
 
-    Every write of a new version moves the row to the end of the feed
-    (change_seq, kept by a database trigger), and version writers commit in
-    change_seq order, so a consumer that follows next_cursor sees every row at
-    each version it held when read, and misses no change, even one committed
-    while it reads. Reads only; safe to repeat. Days before CRM_SYNC_FROM are
-    served too. Raises InvalidCursor for a cursor it did not hand out.
+    The current versions come from ProcessedAttendance (change_seq), the
+    versions since replaced and the deleted days (tombstones, `deleted` true)
+    from ProcessedAttendanceVersion, both kept by database triggers whoever
+    writes; version writers commit in change_seq order and one statement reads
+    both tables, so a consumer that follows next_cursor sees every version of
+    every day written after it started, and misses no change, even one
+    committed while it reads. Without a cursor the feed starts with every day
+    at its current version. Reads only; safe to repeat. Days before
+    CRM_SYNC_FROM are served too. Raises InvalidCursor for a cursor it did not
+    hand out, CursorExpired for one older than CRM_FEED_RETENTION_DAYS allows.
     """
-    after = _decode_cursor(cursor) if cursor else 0
+    position = _Cursor.decode(cursor) if cursor else _Cursor(0, _last_change())
     limit = max(1, min(limit, FEED_MAX_LIMIT))
-    rows = list(
-        ProcessedAttendance.objects.filter(change_seq__gt=after)
-        .order_by("change_seq")
-        .values(*_RECORD_FIELDS, "change_seq")[: limit + 1]
-    )
+    rows = _feed_rows(after=position.after, start=position.start, limit=limit + 1)
+    # Checked after the read: a prune that committed before it is seen here.
+    if cursor and feed_horizon() > max(position.after, position.start):
+        raise CursorExpired(
+            "This cursor is older than the feed keeps changes "
+            f"(CRM_FEED_RETENTION_DAYS={settings.CRM_FEED_RETENTION_DAYS}): versions and "
+            "deletions after it were dropped. Start again without a cursor: the feed then "
+            "serves every day at its current version; remove from your copy the days that "
+            "pass does not serve."
+        )
     has_more = len(rows) > limit
-    rows = rows[:limit]
-    last = rows[-1]["change_seq"] if rows else after
+    rows = _with_names(rows[:limit])
+    records = render_records(rows)
+    for record, row in zip(records, rows, strict=True):
+        record["deleted"] = row["deleted"]
+    after = rows[-1]["seq"] if rows else position.after
     return ChangesPage(
-        records=render_records(rows), next_cursor=_encode_cursor(last), has_more=has_more
+        records=records,
+        next_cursor=_Cursor(after, position.start).encode(),
+        has_more=has_more,
     )
+
+
+def crm_feed_prune(*, now: datetime.datetime | None = None) -> int:
+    """Drops the older versions and tombstones replaced more than
+    CRM_FEED_RETENTION_DAYS ago, and raises the feed's horizon to the highest
+    change number that replaced one of them; returns how many it dropped.
+
+    Keeps the newest of them whatever its age: SQLite numbers a change after
+    the highest number held, and must never hand one out twice. Idempotent;
+    call it under the processing lock (attendance_process does), so that two
+    prunes do not interleave. Raises nothing of its own.
+    """
+    cutoff = (now or timezone.now()) - datetime.timedelta(days=settings.CRM_FEED_RETENTION_DAYS)
+    # One probe of the index on recorded_at when nothing is due, which is most
+    # runs: a processing run pays nothing for a large history.
+    oldest = ProcessedAttendanceVersion.objects.order_by("recorded_at").values_list(
+        "recorded_at", flat=True
+    )[:1]
+    if not oldest or oldest[0] >= cutoff:
+        return 0
+    newest = ProcessedAttendanceVersion.objects.aggregate(top=Max("seq"))["top"]
+    expired = ProcessedAttendanceVersion.objects.filter(recorded_at__lt=cutoff).exclude(seq=newest)
+    top = expired.aggregate(top=Max("replaced_by"))["top"]
+    if top is None:
+        return 0
+    dropped, _ = expired.delete()
+    state, _ = ProcessingState.objects.get_or_create(name=FEED_STATE_NAME)
+    if top > state.last_raw_id:
+        ProcessingState.objects.filter(pk=state.pk).update(last_raw_id=top)
+    return dropped

@@ -3,10 +3,15 @@
 import dataclasses
 
 from django_filters.rest_framework import DjangoFilterBackend
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 from rest_framework.response import Response
 
@@ -34,7 +39,7 @@ from core.api.views.common import (
     wait_requested,
 )
 from core.audit import audit_changes
-from core.crm import FEED_MAX_LIMIT, InvalidCursor, crm_changes, crm_resend
+from core.crm import FEED_MAX_LIMIT, CursorExpired, InvalidCursor, crm_changes, crm_resend
 from core.models import ProcessedAttendance, RawAttendance
 from core.processing import attendance_edit, attendance_process
 
@@ -46,6 +51,18 @@ CSV_FORMAT = OpenApiParameter(
     "header row and the JSON's field names as columns.",
 )
 RENDERERS = [JSONRenderer, BrowsableAPIRenderer, CSVRenderer]
+
+
+class CursorGone(APIException):
+    """A feed cursor older than CRM_FEED_RETENTION_DAYS: the consumer starts again."""
+
+    status_code = status.HTTP_410_GONE
+    default_code = "cursor_expired"
+
+
+CURSOR_GONE = OpenApiResponse(
+    description='The cursor is past the feed\'s retention: {"cursor": what to do}.'
+)
 
 
 @extend_schema_view(
@@ -198,8 +215,12 @@ class ProcessedAttendanceViewSet(
             OpenApiParameter("cursor", str, description="next_cursor of the previous page."),
             OpenApiParameter("limit", int, description=f"1 to {FEED_MAX_LIMIT}; 100 by default."),
         ],
-        responses={200: ChangesPageSerializer, **LIST_ERRORS},
-        description="Oldest change first, in the CRM contract's shape (docs/crm-contract.md).",
+        responses={200: ChangesPageSerializer, **LIST_ERRORS, 410: CURSOR_GONE},
+        description=(
+            "Oldest change first, in the CRM contract's shape (docs/crm-contract.md): every "
+            "version of a day, and a tombstone (deleted: true) for a day processing removed. "
+            "410 for a cursor older than CRM_FEED_RETENTION_DAYS: start again without one."
+        ),
     )
     @action(detail=False, methods=["get"], filter_backends=[], pagination_class=None)
     def changes(self, request):
@@ -210,6 +231,8 @@ class ProcessedAttendanceViewSet(
             page = crm_changes(cursor=request.query_params.get("cursor") or None, limit=int(limit))
         except InvalidCursor as exc:
             raise ValidationError({"cursor": str(exc)}) from exc
+        except CursorExpired as exc:
+            raise CursorGone({"cursor": str(exc)}) from exc
         return Response(
             {"results": page.records, "next_cursor": page.next_cursor, "has_more": page.has_more}
         )

@@ -90,7 +90,7 @@ def remove_groups(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("core", "0015_punch_delivery_permissions"),
+        ("core", "0016_feed_versions"),
         ("auditlog", "0017_add_actor_email"),
         ("auth", "0012_alter_user_first_name_max_length"),
         ("contenttypes", "0002_remove_content_type_name"),
