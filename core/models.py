@@ -428,6 +428,7 @@ class ProcessedAttendance(DeliveryState):
         # Sending again is more than viewing a row: each action has its own permission.
         permissions = [
             ("resend_processedattendance", "Can resend daily records to the CRM"),
+            ("process_processedattendance", "Can run processing of punches into daily records"),
             ("reset_failed_processedattendance", "Can make failed deliveries due again"),
         ]
 

@@ -36,6 +36,10 @@ def load_settings(**env) -> subprocess.CompletedProcess:
         ("CRM_SYNC_FROM", "last year", "CRM_SYNC_FROM must be a date like 2026-01-01"),
         ("CRM_BATCH_SIZE", "0", "CRM_BATCH_SIZE must be at least 1, got 0"),
         ("CRM_READ_TIMEOUT_SECONDS", "soon", "CRM_READ_TIMEOUT_SECONDS must be a number"),
+        ("API_THROTTLE_RATE", "lots", "API_THROTTLE_RATE must be a count and a period"),
+        ("API_AUTH_THROTTLE_RATE", "5/fortnight", "API_AUTH_THROTTLE_RATE must be a count"),
+        ("API_BASIC_AUTH", "sometimes", "API_BASIC_AUTH must be true or false"),
+        ("USER_IMPORT_MAX_BYTES", "0", "USER_IMPORT_MAX_BYTES must be at least 1, got 0"),
     ],
 )
 def test_a_bad_value_stops_start_up_with_a_message_naming_the_variable(variable, value, message):
