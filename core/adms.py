@@ -720,7 +720,9 @@ def _clean_value(value: str, what: str) -> str:
     return value
 
 
-def _user_command(*, user_id: str, name: str, privilege: int, card: int, password: str) -> str:
+def _user_command(
+    *, user_id: str, name: str, privilege: int, card: int, password: str, group: str = ""
+) -> str:
     user_id = _clean_value(user_id, "user ID")
     if not user_id or len(user_id) > USER_ID_MAX:
         raise CommandRefused(f"A user ID of 1 to {USER_ID_MAX} characters is needed.")
@@ -730,7 +732,8 @@ def _user_command(*, user_id: str, name: str, privilege: int, card: int, passwor
         "Pri": str(int(privilege)),
         "Passwd": _clean_value(password, "password"),
         "Card": str(int(card)) if card else "",
-        "Grp": "1",
+        # The clock's default group unless one is given.
+        "Grp": _clean_value(group, "group") or "1",
         "TZ": "0000000000000000",
         "Verify": "0",
         "ViceCard": "",
@@ -748,12 +751,13 @@ def command_text(
     privilege: int = 0,
     card: int = 0,
     password: str = "",
+    group: str = "",
 ) -> str:
     """The command line for one kind of command. `start`/`end` are the clock's
     local times. Raises CommandRefused for a kind not offered or bad values.
 
     Kinds: info, check, reboot, reupload (start, end), user_update (user_id,
-    name, privilege, card, password), user_delete (user_id). Nothing that
+    name, privilege, card, password, group), user_delete (user_id). Nothing that
     clears a clock's log or data is offered.
     """
     if kind == "info":
@@ -768,7 +772,12 @@ def command_text(
         return f"DATA QUERY ATTLOG StartTime={start:%Y-%m-%d %H:%M:%S}\tEndTime={end:%Y-%m-%d %H:%M:%S}"
     if kind == "user_update":
         return _user_command(
-            user_id=user_id, name=name, privilege=privilege, card=card, password=password
+            user_id=user_id,
+            name=name,
+            privilege=privilege,
+            card=card,
+            password=password,
+            group=group,
         )
     if kind == "user_delete":
         user_id = _clean_value(user_id, "user ID")
