@@ -679,12 +679,18 @@ def device_record_results(*, device: Device, body: bytes) -> int:
     return code is 0 or more, failed otherwise; an INFO result's options go on
     the device. Returns how many commands were booked.
 
+    A user command the clock carried out (DATA UPDATE / DELETE USERINFO,
+    return code 0 or more) is applied to the bridge's copy of its users: the
+    employee is created or updated and linked to the device, or unlinked
+    from it (the employee and their punches stay).
+
     Idempotent per (device, command id): a result is booked only on a command
     without one, so the same results posted again change nothing.
     Raises AdmsError (403) for a device not approved.
     """
     _require_approved(device)
     booked = 0
+    done: list[int] = []
     now = timezone.now()
     with transaction.atomic():
         for result in parse_results(body):
@@ -702,7 +708,49 @@ def device_record_results(*, device: Device, body: bytes) -> int:
             booked += updated
             if updated and result.verb.upper() == "INFO" and code is not None and code >= 0:
                 _store_options(device, _options_line(result.content))
+            elif updated and state == DeviceCommand.State.DONE:
+                done.append(int(result.command_id))
+        if done:
+            _apply_user_commands(device, done)
     return booked
+
+
+def _apply_user_commands(device: Device, command_ids: list[int]) -> None:
+    """The bridge's copy of the clock's users after user commands it carried out."""
+    # In the order they were queued: the later of two commands on one user wins.
+    commands = (
+        DeviceCommand.objects.filter(pk__in=command_ids, command__startswith="DATA ")
+        .order_by("pk")
+        .values_list("command", flat=True)
+    )
+    written: dict[str, DeviceUser] = {}
+    deleted: set[str] = set()
+    for command in commands:
+        head, _, rest = command.partition("USERINFO ")
+        fields = _user_fields(rest)
+        pin = fields.get("PIN", "")
+        if not pin:
+            continue
+        if head == "DATA UPDATE ":
+            written[pin] = DeviceUser(
+                uid=0,
+                user_id=pin,
+                name=fields.get("Name", ""),
+                privilege=int(fields["Pri"]) if fields.get("Pri", "").isdigit() else 0,
+                password="",
+                card=_card(fields.get("Card", "")),
+                group_id="",
+            )
+            deleted.discard(pin)
+        elif head == "DATA DELETE ":
+            deleted.add(pin)
+            written.pop(pin, None)
+    if written:
+        employees_store(device=device, users=written.values())
+    if deleted:
+        Employee.devices.through.objects.filter(
+            device=device, employee__user_id__in=deleted
+        ).delete()
 
 
 # --- Queueing commands -----------------------------------------------------------------

@@ -8,7 +8,7 @@ from django.test import Client
 from django.utils import timezone
 
 from core.ingest import employees_store
-from core.models import DeviceCommand
+from core.models import DeviceCommand, Employee
 from core.tests.factories import DeviceFactory
 from core.zk.client import DeviceUser
 
@@ -211,3 +211,34 @@ def test_a_polled_clock_that_also_pushes_is_still_written_live(operator, zk_emul
     assert answer.status_code == 201, answer.content
     assert operator.get(f"/api/devices/{device.pk}/users/").json()["source"] == "device"
     assert not DeviceCommand.objects.exists()
+
+
+def clock_reports(body: str, serial=SN):
+    answer = Client(REMOTE_ADDR="10.0.0.50").post(
+        f"/iclock/devicecmd?SN={serial}", data=body.encode(), content_type="text/plain"
+    )
+    assert answer.status_code == 200 and answer.content == b"OK"
+
+
+def test_the_bridges_copy_follows_the_commands_the_clock_carried_out(operator, pushing):
+    url = f"/api/devices/{pushing.pk}/users/"
+    [added] = operator.post(url, {"user_id": "2001", "name": "Eva"}, format="json").json()[
+        "command_ids"
+    ]
+    [removed] = operator.delete(f"{url}1001/").json()["command_ids"]
+    [refused] = operator.post(url, {"user_id": "2002", "name": "Fay"}, format="json").json()[
+        "command_ids"
+    ]
+    next_poll()
+    # Queued or sent is not done: the copy is unchanged.
+    assert [u["user_id"] for u in operator.get(url).json()["results"]] == ["1001"]
+    clock_reports(
+        f"ID={added}&Return=0&CMD=DATA\nID={removed}&Return=0&CMD=DATA\n"
+        f"ID={refused}&Return=-1&CMD=DATA\n"
+    )
+    listed = operator.get(url).json()["results"]
+    assert [(u["user_id"], u["name"]) for u in listed] == [("2001", "Eva")]
+    assert DeviceCommand.objects.get(pk=refused).state == DeviceCommand.State.FAILED
+    # The employee deleted from the clock stays, with their history.
+    assert pushing.employees.filter(user_id="1001").count() == 0
+    assert Employee.objects.filter(user_id="1001").exists()
