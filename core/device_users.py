@@ -395,7 +395,8 @@ def _push_queue(
     for position, user in enumerate(users):
         problems = _problems(user, pin_width=pin_width, record_size=72, encoding=device.encoding)
         problems.pop("group_id", None)
-        if user.group_id and not (user.group_id.isdigit() and len(user.group_id) <= 2):
+        group = user.group_id
+        if group and not (group.isascii() and group.isdigit() and 1 <= int(group) <= 99):
             problems["group_id"] = "On a pushing clock the group is a number from 1 to 99."
         if user.uid is not None:
             problems["uid"] = "A pushing clock keeps users by user id: leave uid out."

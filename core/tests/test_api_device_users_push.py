@@ -121,6 +121,7 @@ def test_listing_gives_the_bridges_copy_and_says_so(operator, pushing):
         ({"user_id": "12 34"}, "user_id", "letters and digits"),
         ({"user_id": "3001", "uid": 4}, "uid", "leave uid out"),
         ({"user_id": "3001", "group_id": "A"}, "group_id", "a number"),
+        ({"user_id": "3001", "group_id": "0"}, "group_id", "from 1 to 99"),
         ({"user_id": "3001", "password": "abc"}, "password", "digits only"),
         ({"user_id": "3001", "name": "Tab\there"}, "command", "plain text on one line"),
     ],
