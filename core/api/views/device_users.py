@@ -30,7 +30,7 @@ NEEDS = (
     "that pushes (no IP address) is not reached: writes queue commands for its next poll "
     "and answer 202 with their ids."
 )
-PUSH_ERRORS = {
+PUSH_ANSWERS = {
     202: CommandsQueuedSerializer,
     409: OpenApiResponse(
         ErrorSerializer,
@@ -83,7 +83,7 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         responses={
             200: DeviceUserSerializer,
             201: DeviceUserSerializer,
-            **PUSH_ERRORS,
+            **PUSH_ANSWERS,
             **WRITE_ERRORS,
             **DEVICE_ERRORS,
         },
@@ -118,7 +118,7 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         ],
         responses={
             204: None,
-            **PUSH_ERRORS,
+            **PUSH_ANSWERS,
             400: WRITE_ERRORS[400],
             **DETAIL_ERRORS,
             **DEVICE_ERRORS,
@@ -148,7 +148,7 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         "the import before anything is written or queued (400, keyed by position in the list).",
         parameters=[DEVICE_ID],
         request=DeviceUserImportSerializer,
-        responses={200: ImportResultSerializer, **PUSH_ERRORS, **WRITE_ERRORS, **DEVICE_ERRORS},
+        responses={200: ImportResultSerializer, **PUSH_ANSWERS, **WRITE_ERRORS, **DEVICE_ERRORS},
     )
     def import_users(self, request, device_pk=None):
         device = self._device()
