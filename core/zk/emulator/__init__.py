@@ -18,12 +18,15 @@ The package:
 - wire.py: the binary wire format (commands, packets, record layouts), sharing
   the time encoding and user layouts with the reader through core/zk/protocol.py;
 - session.py: one client's conversation, the handler of each command;
-- server.py: ZKEmulator, its sockets, threads, live punches and faults.
+- server.py: ZKEmulator, its sockets, threads, live punches and faults;
+- push.py: PushClock, the same data pushed over HTTP to /iclock/ (ZKTeco PUSH).
 """
 
 from core.zk.emulator.generate import (
     generate_state,
+    next_punch_of,
 )
+from core.zk.emulator.push import PushClock, PushStats, parse_down_windows
 from core.zk.emulator.server import (
     JOIN_TIMEOUT,
     MAX_TCP_CLIENTS,
@@ -112,6 +115,10 @@ from core.zk.emulator.wire import (
 )
 
 __all__ = [
+    "PushClock",
+    "PushStats",
+    "next_punch_of",
+    "parse_down_windows",
     "AttendanceRecord",
     "CHUNK_FRAME_GAP",
     "CMD_ACK_ERROR",

@@ -163,3 +163,14 @@ def _fill_with_double_taps(rng, log, punches, people, window_start, now):
             originals.append(AttendanceRecord(user_id, ts, status, rng.randint(0, 1)))
             log.append(originals[-1])
     log.sort(key=lambda r: r.timestamp)
+
+
+def next_punch_of(state: DeviceState, user_id: str, today: date) -> tuple[int, int]:
+    """(verification, punch) of a live punch: the same verification as the
+    user's last punch; out if they are in today, otherwise in."""
+    with state.lock:
+        last = next((r for r in reversed(state.attendance) if r.user_id == user_id), None)
+    if last is None:
+        return 1, 0
+    inside = last.timestamp.date() == today and last.punch in (0, 3)
+    return last.status, 1 if inside else 0

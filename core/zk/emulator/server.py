@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import datetime, timedelta
 
+from core.zk.emulator.generate import next_punch_of
 from core.zk.emulator.session import (
     _ClientGone,
     _Session,
@@ -540,11 +541,4 @@ class ZKEmulator:
                 self.push_punch(user.user_id, status=status, punch=punch)
 
     def _next_punch_of(self, user_id: str) -> tuple[int, int]:
-        """Same verification as the user's last punch; out if they are in today."""
-        today = self.device_now().date()
-        with self.state.lock:
-            last = next((r for r in reversed(self.state.attendance) if r.user_id == user_id), None)
-        if last is None:
-            return 1, 0
-        inside = last.timestamp.date() == today and last.punch in (0, 3)
-        return last.status, 1 if inside else 0
+        return next_punch_of(self.state, user_id, self.device_now().date())
