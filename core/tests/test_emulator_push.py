@@ -264,3 +264,21 @@ def test_down_windows_are_parsed_and_bad_ones_say_what_is_wrong():
 def test_push_options_that_cannot_work_are_refused_with_a_clear_error(args, message):
     with pytest.raises(CommandError, match=message):
         call_command("zk_emulator", *args)
+
+
+def test_a_backlog_across_a_dst_change_is_stored_at_the_right_utc_instants(push_clock):
+    device = approved_device(timezone="Europe/Lisbon")
+    state = small_state(punches=0)
+    # Lisbon: WET (UTC+0) until 01:00 on 29 March 2026, then WEST (UTC+1).
+    for moment in ("2026-03-28 09:00:00", "2026-03-29 00:30:00", "2026-03-29 09:00:00"):
+        state.add_punch(user_id="1001", timestamp=datetime.datetime.fromisoformat(moment))
+    clock = push_clock(state)
+    assert wait_for(lambda: RawAttendance.objects.count() == 3)
+    assert sorted(stored_instants(device)) == [
+        datetime.datetime(2026, 3, 28, 9, 0, tzinfo=UTC),
+        datetime.datetime(2026, 3, 29, 0, 30, tzinfo=UTC),
+        datetime.datetime(2026, 3, 29, 8, 0, tzinfo=UTC),
+    ]
+    # The clock was given Lisbon's offset as it is now, in whole hours.
+    now_offset = datetime.datetime.now(ZoneInfo("Europe/Lisbon")).utcoffset()
+    assert clock.timezone == now_offset and clock.options["TimeZone"] in ("0", "1")
