@@ -140,6 +140,8 @@ def test_a_batch_sent_again_after_check_with_a_reset_stamp_stores_nothing_twice(
     assert wait_for(lambda: clock.stats.punches_sent >= sent_before + 400)
     assert wait_for(lambda: DeviceCommand.objects.get(pk=check.pk).state == "done")
     clock.stop()
+    # Sent twice, acknowledged twice, counted once.
+    assert clock.stats.punches_acknowledged == 400
     assert RawAttendance.objects.count() == 400
     assert stored_instants(device) == expected_instants(state, "UTC")
 

@@ -208,7 +208,7 @@ class PushClock:
         self._stamps: list[int] = []
         self._sorted_last: AttendanceRecord | None = None
         self._seen = 0
-        self._acked_through = 0
+        self._acked_stamp = -1
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._no_more_punches = threading.Event()
@@ -436,7 +436,6 @@ class PushClock:
         self._need_handshake = False
         self._need_info = True
         self.connected = True
-        self._acked_through = 0
         self._next_poll = 0.0
         self._poll_interval = self.delay
         return True
@@ -496,10 +495,12 @@ class PushClock:
             self.batch_size = min(BATCH_MAX, self.batch_size + BATCH_STEP_UP)
             self.attlog_stamp = last
             self.stats.punches_sent += len(batch)
-            # Counted once per record, however often the batch went.
-            new_end = max(end, self._acked_through)
-            self.stats.punches_acknowledged += new_end - max(begin, self._acked_through)
-            self._acked_through = new_end
+            # Counted once per record, however often it went (a stamp reset
+            # to 0 sends everything again): past the highest stamp so far.
+            if last > self._acked_stamp:
+                done = bisect.bisect_right(self._stamps, self._acked_stamp)
+                self.stats.punches_acknowledged += end - max(begin, done)
+                self._acked_stamp = last
         return False
 
     def upload_users(self) -> bool:
