@@ -1,6 +1,5 @@
 """Generated device data: a realistic log of shifts, breaks and double taps."""
 
-import logging
 import random
 from datetime import date, datetime, timedelta
 from datetime import time as dtime
@@ -12,9 +11,6 @@ from core.zk.emulator.state import (
     UserRecord,
     _check_int,
 )
-
-logger = logging.getLogger(__name__)
-
 
 _FIRST_NAMES = (
     "Ana", "Bruno", "Carla", "Daniel", "Eduarda", "Felipe", "Gabriela", "Hugo", "Isabel",

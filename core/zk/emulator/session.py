@@ -7,9 +7,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from core.zk.emulator.state import (
-    AttendanceRecord,
-)
+from core.zk.emulator.state import AttendanceRecord
 from core.zk.emulator.wire import (
     _COMMAND_NAMES,
     _EVENT12,
@@ -85,7 +83,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-# --- Device limits and behaviour ---
+# --- Device limits and behaviour ------------------------------------------------------
 
 
 # Capacities a real TFT clock reports (pyzk test.py capture); raised to the

@@ -2,14 +2,10 @@
 its JSON form, with the validation of loaded data."""
 
 import json
-import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
-
 
 # --- Device data ----------------------------------------------------------------------
 
