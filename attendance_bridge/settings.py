@@ -142,8 +142,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "auditlog",
     "core",
 ]
@@ -222,6 +224,11 @@ else:
                 # Web, worker and beat share the file: a writer waits this long
                 # for another's lock before it fails with "database is locked".
                 "timeout": envint("SQLITE_BUSY_TIMEOUT_SECONDS", 20, minimum=1),
+                # A transaction takes the write lock when it begins, so it waits
+                # for that timeout too: a read that turns into a write mid-way
+                # would otherwise fail at once ("database is locked") whenever
+                # another process writes, since SQLite cannot wait there safely.
+                "transaction_mode": "IMMEDIATE",
             },
         }
     }
@@ -426,6 +433,12 @@ RETRY_FAILED_SYNCS_HOURS = envint("RETRY_FAILED_SYNCS_HOURS", 6, minimum=1)
 # Delivery log entries older than this are deleted by each sync run.
 DELIVERY_LOG_DAYS = envint("DELIVERY_LOG_DAYS", 30, minimum=1)
 
+# --- CRM pull feed ---------------------------------------------------------------------
+
+# Older versions and deletions stay in the changes feed this many days after
+# they were replaced; a cursor older than that is answered 410 (start again).
+CRM_FEED_RETENTION_DAYS = envint("CRM_FEED_RETENTION_DAYS", 14, minimum=1)
+
 
 # --- HR status page (core.status) ---------------------------------------------------
 
@@ -518,24 +531,88 @@ if CRM_PUNCHES_URL:
     }
 
 
-# --- REST API ------------------------------------------------------------------------
+# --- REST API (core.api, docs/api.md) ----------------------------------------------
+# HTTP Basic sends the password with every request; off unless an operator
+# behind TLS wants it for scripts that cannot fetch a token.
+API_BASIC_AUTH = envbool("API_BASIC_AUTH", False)
+# Requests per user (and per client address for anonymous ones) on the whole
+# API, and on the login endpoints (token and JWT), where guessing passwords
+# is what a limit prevents. DRF's form: a number, "/", second|minute|hour|day.
+API_THROTTLE_RATE = envstr("API_THROTTLE_RATE", "1000/minute")
+API_ANON_THROTTLE_RATE = envstr("API_ANON_THROTTLE_RATE", "60/minute")
+API_AUTH_THROTTLE_RATE = envstr("API_AUTH_THROTTLE_RATE", "10/minute")
+for _name in ("API_THROTTLE_RATE", "API_ANON_THROTTLE_RATE", "API_AUTH_THROTTLE_RATE"):
+    _rate = globals()[_name]
+    _count, _, _period = _rate.partition("/")
+    if not _count.isdigit() or _period not in ("second", "minute", "hour", "day"):
+        raise ImproperlyConfigured(
+            f"{_name} must be a count and a period such as 100/minute "
+            f"(second, minute, hour or day), got {_rate!r}"
+        )
+# Rows per page of every list (?limit= asks for fewer or more, up to the maximum).
+API_PAGE_SIZE = envint("API_PAGE_SIZE", 100, minimum=1)
+API_MAX_PAGE_SIZE = envint("API_MAX_PAGE_SIZE", 1000, minimum=1)
+# How long a JWT access token and its refresh token last.
+JWT_ACCESS_LIFETIME = envduration("JWT_ACCESS_LIFETIME", "15m")
+JWT_REFRESH_LIFETIME = envduration("JWT_REFRESH_LIFETIME", "1d")
+# Host names (or IP addresses) the user import may fetch a list of users from
+# (POST /api/devices/{id}/users/import/ with a url); empty allows none.
+USER_IMPORT_ALLOWED_HOSTS = envlist("USER_IMPORT_ALLOWED_HOSTS", [])
+# A slow or huge answer must not hold a web worker or fill its memory.
+USER_IMPORT_TIMEOUT_SECONDS = envfloat("USER_IMPORT_TIMEOUT_SECONDS", 10, minimum=0.1)
+USER_IMPORT_MAX_BYTES = envint("USER_IMPORT_MAX_BYTES", 1_000_000, minimum=1)
 
 REST_FRAMEWORK = {
+    # Token first: an anonymous request is then answered 401 with a
+    # WWW-Authenticate header, not 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework_simplejwt.authentication.JWTAuthentication",
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.BasicAuthentication",
+        "core.api.authentication.OptionalBasicAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    # Every endpoint needs a login and the Django permission its action
+    # declares (core.api.permissions).
+    "DEFAULT_PERMISSION_CLASSES": ["core.api.permissions.ActionPermissions"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
-    "PAGE_SIZE": 100,
+    "DEFAULT_PAGINATION_CLASS": "core.api.pagination.Pagination",
+    "PAGE_SIZE": API_PAGE_SIZE,
+    "DEFAULT_THROTTLE_CLASSES": [
+        "core.api.throttling.AnonThrottle",
+        "core.api.throttling.UserThrottle",
+    ],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "core.api.errors.exception_handler",
+}
+
+SIMPLE_JWT = {
+    "ACCESS_TOKEN_LIFETIME": JWT_ACCESS_LIFETIME,
+    "REFRESH_TOKEN_LIFETIME": JWT_REFRESH_LIFETIME,
+    "UPDATE_LAST_LOGIN": True,
 }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Attendance Bridge API",
-    "DESCRIPTION": "Raw punches from ZKTeco clocks and daily clock-in/clock-out records.",
+    "DESCRIPTION": (
+        "Devices, the users on them, raw punches and daily clock-in/clock-out records. "
+        "Every endpoint needs a login and a Django permission: see docs/api.md."
+    ),
     "VERSION": "0.1.0",
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    # Request and response bodies as separate components, so write-only fields
+    # (a device's comm key) are never shown in a response.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "SyncStateEnum": "core.models.ProcessedAttendance.SyncState",
+        "PunchStateEnum": "core.models.RawAttendance.PunchState",
+    },
 }
 
 

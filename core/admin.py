@@ -20,9 +20,16 @@ from core.admin_adms import (
     push_health,
 )
 from core.audit import audit_changes, audit_clock_set
-from core.crm import crm_resend, crm_reset_failed
+from core.crm import crm_punch_resend, crm_punch_reset_failed, crm_resend, crm_reset_failed
 from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
-from core.models import DeliveryLog, Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import (
+    DeliveryLog,
+    Device,
+    Employee,
+    ProcessedAttendance,
+    PunchDelivery,
+    RawAttendance,
+)
 from core.processing import (
     attendance_discard_edits,
     attendance_edit,
@@ -922,6 +929,131 @@ class DeliveryLogAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # kept DELIVERY_LOG_DAYS, then dropped by the sync run
+
+
+# --- Raw punch deliveries (CRM_PUNCHES_URL) ------------------------------------------------
+
+
+@admin.register(PunchDelivery)
+class PunchDeliveryAdmin(admin.ModelAdmin):
+    """Each registered raw punch on its way to CRM_PUNCHES_URL: its state, attempts
+    and the CRM's answer. Written by core.crm only; delivered punches are dropped
+    LATE_COMMIT_MARGIN after. Resend and Reset failed each need their own permission."""
+
+    list_display = [
+        "punch_time",
+        "employee_id",
+        "device",
+        "sync_state",
+        "sync_attempts",
+        "last_sync_attempt",
+        "crm_status",
+        "answer",
+    ]
+    list_filter = ["sync_state", "raw__device"]
+    search_fields = ["=raw__user_id"]
+    list_select_related = ["raw__device"]
+    show_full_result_count = False
+    ordering = ["-pk"]
+    actions = ["resend", "reset_failed"]
+    fieldsets = [
+        (None, {"fields": ["raw", ("employee_id", "device", "punch_time")]}),
+        (
+            "Delivery to the CRM",
+            {
+                "fields": [
+                    ("sync_state", "sync_attempts", "resend_count"),
+                    ("last_sync_attempt", "next_sync_at"),
+                    "last_sync_error",
+                    ("crm_status", "crm_response"),
+                    ("delivery_key", "delivery_lease_until"),
+                    "created_at",
+                ]
+            },
+        ),
+    ]
+    readonly_fields = [
+        "raw",
+        "employee_id",
+        "device",
+        "punch_time",
+        "sync_state",
+        "sync_attempts",
+        "resend_count",
+        "last_sync_attempt",
+        "next_sync_at",
+        "last_sync_error",
+        "crm_status",
+        "crm_response",
+        "delivery_key",
+        "delivery_lease_until",
+        "created_at",
+    ]
+
+    @admin.display(description="employee ID", ordering="raw__user_id")
+    def employee_id(self, row):
+        return row.raw.user_id
+
+    @admin.display(description="device", ordering="raw__device__name")
+    def device(self, row):
+        return row.raw.device.name
+
+    @admin.display(description="punch (device local time)", ordering="raw__timestamp")
+    def punch_time(self, row):
+        moment = row.raw.timestamp.astimezone(row.raw.device.zone)
+        return moment.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+    @admin.display(description="CRM answer or error")
+    def answer(self, row):
+        return (row.last_sync_error or row.crm_response)[:100]
+
+    def has_add_permission(self, request):
+        return False  # registered by each sync_to_crm run
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def has_resend_punchdelivery_permission(self, request):
+        return request.user.has_perm("core.resend_punchdelivery")
+
+    def has_reset_failed_punchdelivery_permission(self, request):
+        return request.user.has_perm("core.reset_failed_punchdelivery")
+
+    @admin.action(description="Resend to the CRM", permissions=["resend_punchdelivery"])
+    def resend(self, request, queryset):
+        with audit_changes(
+            actor=request.user,
+            action="crm_punch_resend",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_punch_resend(ids=ids)
+        self.message_user(
+            request,
+            f"{count} punch(es) due for delivery again; the next sync_to_crm run sends them. "
+            "Punches held back as suspect stay held until their verdict is cleared.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(
+        description="Reset failed deliveries (send at the next run)",
+        permissions=["reset_failed_punchdelivery"],
+    )
+    def reset_failed(self, request, queryset):
+        with audit_changes(
+            actor=request.user,
+            action="crm_punch_reset_failed",
+            ids=queryset.values_list("pk", flat=True),
+        ) as ids:
+            count = crm_punch_reset_failed(ids=ids)
+        self.message_user(
+            request,
+            f"{count} failed punch(es) due for delivery again; the next sync_to_crm run sends "
+            "them. Punches that had not failed were left as they were.",
+            messages.SUCCESS,
+        )
 
 
 # --- HR status page (core.admin_status) ----------------------------------------------

@@ -36,25 +36,29 @@ What the REST API must call (the admin does the same in core/admin.py):
   with ids), ``"crm_reset_failed"`` around crm_reset_failed, and
   ``"punches_judge"`` around core.ingest.punches_judge.
 - A user added or updated on a clock (``POST /api/devices/{id}/users/``, and
-  each user of an import)::
+  each user an import wrote, in one call)::
 
+      entry = device_user_entry(device=device, before=replaced, after=written)
       audit_record(actor=request.user, action="device_user_add", model=Device,
-                   entries=[AuditEntry.of(device, {"user_id": [None, "1234"],
-                                                   "name": [old_name, "Ann Lee"]})])
+                   entries=[entry] if entry else [])
 
+  which records e.g. ``{"user_id": [None, "1234"], "name": [None, "Ann Lee"]}``;
   ``"device_user_remove"`` for ``DELETE /api/devices/{id}/users/{user_id}/``
-  (``{"user_id": ["1234", None], "name": ["Ann Lee", None]}``).
+  (``after=None``: ``{"user_id": ["1234", None], "name": ["Ann Lee", None]}``).
 - A command sent to a clock, after it succeeded: a clock set with
   ``audit_clock_set(actor=request.user, device=device, set_to=local_time)``
   (action ``"device_sync_time"``, ``device`` as read before the command);
-  a cleared punch log with ``audit_record(..., action="device_clear_log",
-  model=Device, entries=[AuditEntry.of(device, {"record_count": [before, 0]})])``.
+  a clock set by a queued task is recorded by the task
+  (core.tasks.sync_device_time), the requesting user passed to it by id as
+  ``actor_id``; a cleared punch log with ``audit_record(...,
+  action="device_clear_log", model=Device, entries=[AuditEntry.of(device,
+  {"record_count": [before, 0]})])``.
 - Device create/change/delete and employee changes (name, work-time
   overrides) through a serializer's save() or delete(): nothing; the signals
   record them. A view that writes them with .update() instead must call
   audit_record.
 
-Reading the log: ``GET /api/audit-log/`` (core/api/audit.py) and the admin's
+Reading the log: ``GET /api/audit-log/`` (core/api/views/audit.py) and the admin's
 Log entries, both with the ``auditlog.view_logentry`` permission only, which
 is what the HR and Operators groups need for it.
 
@@ -86,7 +90,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import models, transaction
 from django.utils.functional import SimpleLazyObject
 
-from core.models import Device, ProcessedAttendance, RawAttendance
+from core.models import Device, ProcessedAttendance, PunchDelivery, RawAttendance
 
 # Rows read per query for a snapshot: far below SQLite's bound on query parameters.
 SNAPSHOT_CHUNK = 2000
@@ -236,6 +240,17 @@ def _punch(row: Mapping[str, Any]) -> str:
     return f"{row['user_id']} @ {stamp:%Y-%m-%d %H:%M:%S} UTC on device {row['device_id']}"
 
 
+def _punch_delivery(row: Mapping[str, Any]) -> str:
+    return _punch(
+        {
+            "user_id": row["raw__user_id"],
+            "timestamp": row["raw__timestamp"],
+            "device_id": row["raw__device_id"],
+        }
+    )
+
+
+_PUNCH_REF = ("raw__user_id", "raw__timestamp", "raw__device_id")
 _DAY = (ProcessedAttendance, ("user_id", "work_date"), _day)
 _DAY_TIMES = ("clock_in", "clock_out", "worked", "is_outlier", "outlier_reasons", "is_manual")
 _DELIVERY = ("sync_state", "next_sync_at", "sync_attempts", "resend_count")
@@ -256,6 +271,9 @@ AUDITED_ACTIONS: dict[str, AuditedAction] = {
     # core.crm.crm_resend and crm_reset_failed
     "crm_resend": AuditedAction(_DAY[0], _DELIVERY, _DAY[1], _DAY[2]),
     "crm_reset_failed": AuditedAction(_DAY[0], _DELIVERY, _DAY[1], _DAY[2]),
+    # core.crm.crm_punch_resend and crm_punch_reset_failed: raw punch deliveries.
+    "crm_punch_resend": AuditedAction(PunchDelivery, _DELIVERY, _PUNCH_REF, _punch_delivery),
+    "crm_punch_reset_failed": AuditedAction(PunchDelivery, _DELIVERY, _PUNCH_REF, _punch_delivery),
     # core.ingest.punches_judge: an operator's verdict on punches.
     "punches_judge": AuditedAction(
         RawAttendance,
@@ -329,3 +347,29 @@ def audit_clock_set(*, actor, device: Device, set_to: datetime.datetime) -> int:
         timezone=device.timezone,
     )
     return audit_record(actor=actor, action="device_sync_time", model=Device, entries=[entry])
+
+
+# What the log keeps of a user on a clock; the password only as set or not set.
+DEVICE_USER_FIELDS = ("user_id", "name", "uid", "privilege", "card", "group_id", "password")
+
+
+def device_user_entry(*, device: Device, before, after, **details) -> AuditEntry | None:
+    """The log entry of a user written to or deleted from ``device``: each of
+    DEVICE_USER_FIELDS that differs as ``[before, after]`` (``before`` None
+    for a user added, ``after`` None for one deleted; both are
+    core.zk.client.DeviceUser). None when nothing differs: a user saved again
+    as it was records nothing. ``details`` go into the entry's additional
+    data (the import's source URL, say)."""
+
+    def value(user, name):
+        if user is None:
+            return None
+        raw = getattr(user, name)
+        return mask_secret(raw) if name == "password" else raw
+
+    changes = {
+        name: [value(before, name), value(after, name)]
+        for name in DEVICE_USER_FIELDS
+        if value(before, name) != value(after, name)
+    }
+    return AuditEntry.of(device, changes, **details) if changes else None

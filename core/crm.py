@@ -43,7 +43,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -51,8 +53,8 @@ from zoneinfo import ZoneInfo
 
 import requests
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import Count, F, Max
+from django.db import connection, connections, transaction
+from django.db.models import Count, DateTimeField, F, Func, Max, Min, Q
 from django.utils import timezone
 
 from core import metrics
@@ -61,6 +63,7 @@ from core.models import (
     Device,
     Employee,
     ProcessedAttendance,
+    ProcessedAttendanceVersion,
     ProcessingState,
     PunchDelivery,
     RawAttendance,
@@ -162,6 +165,14 @@ class JsonContractDestination:
         )
         if token:
             self.session.headers["Authorization"] = f"{auth_scheme} {token}"
+        # The environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE) is read once
+        # here instead of at every request, where it cost a millisecond each.
+        environment = self.session.merge_environment_settings(
+            url, {}, None, self.session.verify, None
+        )
+        self.session.proxies.update(environment["proxies"])
+        self.session.verify = environment["verify"]
+        self.session.trust_env = False
 
     @classmethod
     def from_settings(cls, *, punches: bool = False) -> "JsonContractDestination":
@@ -430,6 +441,33 @@ def punch_envelope(rows: list[dict]) -> dict:
 # --- What is delivered: daily records, raw punches ---------------------------------------
 
 
+class _UtcTimestamp(Func):
+    """A timestamptz column as the UTC timestamp without zone (PostgreSQL)."""
+
+    template = "(%(expressions)s AT TIME ZONE 'UTC')"
+    output_field = DateTimeField()
+
+
+class _AwareValues:
+    """A values() queryset of `_UtcTimestamp` aliases utc_0, utc_1…: slices and
+    iterates as that queryset, each dict with the times back under their field
+    names, aware in UTC."""
+
+    def __init__(self, rows, *, times: tuple[str, ...]):
+        self.rows, self.times = rows, times
+
+    def __getitem__(self, index):
+        return _AwareValues(self.rows[index], times=self.times)
+
+    def __iter__(self):
+        names = list(enumerate(self.times))
+        for row in self.rows:
+            for n, name in names:
+                value = row.pop(f"utc_{n}")
+                row[name] = None if value is None else value.replace(tzinfo=datetime.UTC)
+            yield row
+
+
 @dataclass(frozen=True)
 class _Queue:
     """A model whose rows are delivered by the machinery below: they carry the
@@ -444,6 +482,8 @@ class _Queue:
     key_salt: str
     envelope: Callable[[list[dict]], dict | None]
     sync_from: Callable[[object, datetime.date], object]
+    # Date-time fields among `fields` (read as UTC timestamps on PostgreSQL).
+    times: tuple[str, ...] = ()
 
     def due(self, *, sync_from: datetime.date | None):
         # Every writer of a pending row clears next_sync_at (processing, HR edits,
@@ -455,6 +495,19 @@ class _Queue:
         if sync_from is not None:
             rows = self.sync_from(rows, sync_from)
         return rows
+
+    def values(self, rows, *extra: str):
+        """`rows.values(*fields, *extra)`; the dicts come with aware UTC times.
+
+        On PostgreSQL the times are read as UTC timestamps without a zone
+        (`_UtcTimestamp`) and made aware in Python: Django's loader of
+        timestamptz parses each one in Python, and took most of reading a batch.
+        """
+        if connection.vendor != "postgresql":
+            return rows.values(*self.fields, *extra)
+        plain = [name for name in self.fields if name not in self.times]
+        aliases = {f"utc_{n}": _UtcTimestamp(name) for n, name in enumerate(self.times)}
+        return _AwareValues(rows.values(*plain, *extra, **aliases), times=self.times)
 
     def records(self, rows: list[dict]) -> list[dict]:
         return self.render(rows) if rows else []
@@ -474,6 +527,7 @@ DAILY = _Queue(
     key_salt="",
     envelope=lambda rows: None,
     sync_from=lambda rows, day: rows.filter(work_date__gte=day),
+    times=("clock_in", "clock_out"),
 )
 # CRM_SYNC_FROM is applied when punches are registered (_punches_register).
 PUNCHES = _Queue(
@@ -484,6 +538,7 @@ PUNCHES = _Queue(
     key_salt="punches",
     envelope=punch_envelope,
     sync_from=lambda rows, day: rows,
+    times=("raw__timestamp",),
 )
 
 
@@ -611,9 +666,7 @@ def _claim(
         # batches in one SELECT and one UPDATE: a claim per batch cost more
         # database round trips than the batch's request.
         with _bookkeeping():
-            rows = list(
-                due.select_for_update(skip_locked=True, of=("self",)).values(*queue.fields)[:limit]
-            )
+            rows = list(queue.values(due.select_for_update(skip_locked=True, of=("self",)))[:limit])
             if not rows:
                 return []
             rows.sort(key=lambda row: (queue.group(row) or 0, row["pk"]))
@@ -630,8 +683,10 @@ def _claim(
                 cursor.execute(
                     f"UPDATE {table} AS p SET delivery_key = v.key, delivery_version = p.version, "
                     "delivery_lease_until = %s, last_sync_attempt = %s "
-                    f"FROM unnest(%s::bigint[], %s::text[]) AS v(id, key) WHERE p.{pk} = v.id",
-                    [lease_until, now, ids, row_keys],
+                    # Lists as one string each: psycopg quotes a list element by element.
+                    "FROM unnest(string_to_array(%s, ',')::bigint[], string_to_array(%s, ',')) "
+                    f"AS v(id, key) WHERE p.{pk} = v.id",
+                    [lease_until, now, ",".join(map(str, ids)), ",".join(row_keys)],
                 )
         records = iter(queue.records(rows))
         return [
@@ -698,6 +753,10 @@ def _reclaim_stale(*, config: _Config, queue: _Queue = DAILY) -> str | None:
     return None
 
 
+# Set while a run has turned synchronous_commit off for its whole session.
+_SESSION_ASYNC_COMMIT: ContextVar[bool] = ContextVar("crm_session_async_commit", default=False)
+
+
 @contextmanager
 def _bookkeeping():
     """A transaction for delivery bookkeeping that does not wait for the disk.
@@ -708,7 +767,7 @@ def _bookkeeping():
     row. Waiting for the disk three times a batch cost a third of the throughput.
     """
     with transaction.atomic():
-        if connection.vendor == "postgresql":
+        if connection.vendor == "postgresql" and not _SESSION_ASYNC_COMMIT.get():
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
         yield
@@ -725,9 +784,9 @@ def _claimed(key: str, *, queue: _Queue = DAILY) -> list[dict]:
     batch: what is sent must be the version the claim books.
     """
     rows = list(
-        queue.model.objects.filter(delivery_key=key)
-        .order_by("pk")
-        .values(*queue.fields, "delivery_version")
+        queue.values(
+            queue.model.objects.filter(delivery_key=key).order_by("pk"), "delivery_version"
+        )
     )
     moved = [row["pk"] for row in rows if row["version"] != row["delivery_version"]]
     if moved:
@@ -771,25 +830,23 @@ def _request(
     config: _Config,
     result: SyncResult,
     envelope: dict | None = None,
+    first: Answer | None = None,
 ) -> tuple[str, Answer, int, str, DeliveryLog | None]:
     """Sends one request, retrying transient failures with backoff and jitter.
 
-    Returns (outcome, last answer, attempts, why it gave up on a transient
-    failure, the last attempt's log entry when not yet written). Each attempt
-    that is retried is logged at once; the last one is written by the caller
-    in the transaction that books its answer (`_save_log` or `_book`), one
-    commit instead of two.
+    `first`, when given, is the answer to a first attempt already made (by the
+    sender of a pipelined run). Returns (outcome, last answer, attempts, why it
+    gave up on a transient failure, the last attempt's log entry when not yet
+    written). Each attempt that is retried is logged at once; the last one is
+    written by the caller in the transaction that books its answer
+    (`_save_log` or `_book`), one commit instead of two.
     """
     for attempt in range(1, config.max_retries + 2):
-        if connection.in_atomic_block:
-            raise RuntimeError("A CRM request inside a database transaction would hold locks.")
-        config.pacer.wait()
-        # Only punches carry an envelope: a destination of daily records alone
-        # keeps the two-argument send.
-        if envelope is None:
-            answer = destination.send(records=records, key=key)
+        if attempt == 1 and first is not None:
+            answer = first
         else:
-            answer = destination.send(records=records, key=key, envelope=envelope)
+            _before_request(config)
+            answer = _send(destination, records=records, key=key, envelope=envelope)
         result.requests += 1
         outcome = _classify(answer)
         log = DeliveryLog(
@@ -824,6 +881,24 @@ def _request(
             wait = max(wait, answer.retry_after)
         config.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def _before_request(config: _Config) -> None:
+    """Refuses a request from inside a transaction (it would hold its locks for as
+    long as the CRM takes), then waits for the pacing."""
+    if connection.in_atomic_block:
+        raise RuntimeError("A CRM request inside a database transaction would hold locks.")
+    config.pacer.wait()
+
+
+def _send(
+    destination: Destination, *, records: list[dict], key: str, envelope: dict | None
+) -> Answer:
+    # Only punches carry an envelope: a destination of daily records alone
+    # keeps the two-argument send.
+    if envelope is None:
+        return destination.send(records=records, key=key)
+    return destination.send(records=records, key=key, envelope=envelope)
 
 
 def _log_id(record: dict) -> str:
@@ -867,6 +942,19 @@ def _book(
     }
     if state == State.SYNCED:
         values["synced_version"] = F("delivery_version")
+    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        return _book_in_one_statement(
+            rows,
+            state=state,
+            attempts=attempts,
+            set_values={
+                "last_sync_error": error,
+                "crm_status": answer.status,
+                "crm_response": answer.excerpt,
+                "next_sync_at": next_sync_at,
+            },
+            log=log,
+        )
     with _bookkeeping():
         if log is not None:
             log.save()
@@ -881,6 +969,65 @@ def _book(
     return booked, changed
 
 
+def _book_in_one_statement(
+    rows, *, state: str | None, attempts: int, set_values: dict, log: DeliveryLog | None
+) -> tuple[int, int]:
+    """`_book` on PostgreSQL: the log entry, the booking and the release of rows
+    changed in flight in one statement, its own transaction: one round trip
+    instead of five, for each of the hundred bookings of 10 000 records.
+
+    The release takes every claimed row the booking did not (by id, not by
+    version), so a row whose new version commits while the statement waits
+    for its lock is released, not left claimed."""
+    quote = connection.ops.quote_name
+    meta = rows.model._meta
+    table = quote(meta.db_table)
+    pk = quote(meta.pk.column)
+    claimed_sql, claimed_params = rows.order_by().values("pk").query.sql_with_params()
+    assignments = [f"{quote(name)} = %s" for name in set_values]
+    params = [
+        meta.get_field(name).get_db_prep_save(value, connection)
+        for name, value in set_values.items()
+    ]
+    assignments += [
+        "sync_state = %s",
+        "sync_attempts = sync_attempts + %s",
+        "delivery_key = ''",
+        "delivery_version = NULL",
+        "delivery_lease_until = NULL",
+    ]
+    params += [state, attempts]
+    if state == State.SYNCED:
+        assignments.append("synced_version = delivery_version")
+    released = ["delivery_key = ''", "delivery_version = NULL", "delivery_lease_until = NULL"]
+    if state == State.SYNCED:
+        released.append("synced_version = delivery_version")
+    log_sql, log_params = "", []
+    if log is not None:
+        fields = [field for field in DeliveryLog._meta.concrete_fields if not field.primary_key]
+        log_sql = (
+            f"log AS (INSERT INTO {quote(DeliveryLog._meta.db_table)} "
+            f"({', '.join(quote(field.column) for field in fields)}) "
+            f"VALUES ({', '.join(['%s'] * len(fields))})), "
+        )
+        log_params = [
+            field.get_db_prep_save(getattr(log, field.attname), connection) for field in fields
+        ]
+    sql = (
+        f"WITH {log_sql}"
+        f"booked AS (UPDATE {table} SET {', '.join(assignments)} "
+        f"WHERE {pk} IN ({claimed_sql}) AND version = delivery_version RETURNING {pk}), "
+        f"moved AS (UPDATE {table} SET {', '.join(released)} "
+        f"WHERE {pk} IN ({claimed_sql}) AND {pk} NOT IN (SELECT {pk} FROM booked) "
+        f"RETURNING {pk}) "
+        "SELECT (SELECT count(*) FROM booked), (SELECT count(*) FROM moved)"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*log_params, *params, *claimed_params, *claimed_params])
+        booked, changed = cursor.fetchone()
+    return booked, changed
+
+
 def _deliver(
     destination: Destination,
     *,
@@ -890,15 +1037,26 @@ def _deliver(
     config: _Config,
     result: SyncResult,
     queue: _Queue = DAILY,
+    envelope: dict | None = None,
+    first: Answer | None = None,
 ) -> list[dict]:
-    """Sends these rows, claimed under `key`, and books the answer; returns the records sent."""
+    """Sends these rows, claimed under `key`, and books the answer; returns the
+    records sent. `first`: the answer to a first attempt already made, with
+    the `envelope` it carried."""
     if not records:
         return records
     claimed = queue.model.objects.filter(delivery_key=key)
-    envelope = queue.envelope(rows)
+    if first is None:
+        envelope = queue.envelope(rows)
     before = (result.sent, result.failed, result.rejected, result.requests)
     outcome, answer, attempts, why, log = _request(
-        destination, records=records, key=key, config=config, result=result, envelope=envelope
+        destination,
+        records=records,
+        key=key,
+        config=config,
+        result=result,
+        envelope=envelope,
+        first=first,
     )
     result.batches += 1
     if outcome == Outcome.ACKNOWLEDGED:
@@ -1139,7 +1297,17 @@ def _run(
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Claims, sends and books due rows of `queue` until none is due, `limit` is
-    reached or the CRM stops the run."""
+    reached or the CRM stops the run.
+
+    Where claims take several batches (PostgreSQL) the run is pipelined: while
+    the request of one batch is in flight, on a sender thread that never
+    touches the database, this thread books the answer of the batch before it
+    and claims the next ones. One request is in flight at a time, and no
+    transaction is open while a request is: each request starts and is waited
+    for outside any transaction, and booking and claims are transactions of
+    their own that wait for nothing. An answer that is not an acknowledgement
+    is dealt with before anything else goes (retries, single records, a stop).
+    """
     model = queue.model
     budget = limit
     if budget is None:
@@ -1158,54 +1326,137 @@ def _run(
     # A row changed while in flight is due again and goes again in this
     # run, outside the budget; this bounds the run should changes never stop.
     batches_left = 2 * (budget // config.batch_size + 1) + MAX_STALE_BATCHES_PER_RUN
-    try:
-        while budget > 0 and batches_left > 0 and not result.stopped:
-            batches_left -= 1
+    # An acknowledged batch not booked yet, with its envelope and answer.
+    answered: tuple[tuple[str, list[dict], list[dict]], dict | None, Answer] | None = None
+
+    def fill() -> None:
+        """Claims batches when none is queued (a dead run's first)."""
+        nonlocal looking_for_stale
+        if queued or budget <= 0:
+            return
+        if looking_for_stale:
             key = None
-            if not queued and looking_for_stale:
-                if result.replayed_batches < MAX_STALE_BATCHES_PER_RUN:
-                    key = _reclaim_stale(config=config, queue=queue)
-                if key:
-                    result.replayed_batches += 1
-                    rows = _claimed(key, queue=queue)
-                    queued.append((key, rows, queue.records(rows)))
-                else:
-                    looking_for_stale = False
-            if not queued:
-                queued.extend(
-                    _claim(
-                        limit=min(config.batch_size * CLAIM_BATCHES, budget),
-                        config=config,
-                        batches=CLAIM_BATCHES,
-                        queue=queue,
-                    )
-                )
-                if not queued:
-                    break
-            key, rows, records = queued.popleft()
-            superseded = result.superseded
-            sent = _deliver(
-                destination,
-                key=key,
-                rows=rows,
-                records=records,
+            if result.replayed_batches < MAX_STALE_BATCHES_PER_RUN:
+                key = _reclaim_stale(config=config, queue=queue)
+            if key:
+                result.replayed_batches += 1
+                rows = _claimed(key, queue=queue)
+                queued.append((key, rows, queue.records(rows)))
+                return
+            looking_for_stale = False
+        queued.extend(
+            _claim(
+                limit=min(config.batch_size * CLAIM_BATCHES, budget),
                 config=config,
-                result=result,
+                batches=CLAIM_BATCHES,
                 queue=queue,
             )
-            budget -= max(1, len(sent) - (result.superseded - superseded))
-            if progress is not None:
-                progress(result.sent + result.failed + result.rejected, total)
+        )
+
+    def take() -> tuple[str, list[dict], list[dict]] | None:
+        nonlocal budget, batches_left
+        if budget <= 0 or batches_left <= 0 or result.stopped:
+            return None
+        fill()
+        if not queued:
+            return None
+        batches_left -= 1
+        batch = queued.popleft()
+        budget -= max(1, len(batch[2]))
+        return batch
+
+    def deliver(batch, *, envelope: dict | None = None, first: Answer | None = None) -> None:
+        nonlocal budget
+        key, rows, records = batch
+        superseded = result.superseded
+        _deliver(
+            destination,
+            key=key,
+            rows=rows,
+            records=records,
+            config=config,
+            result=result,
+            queue=queue,
+            envelope=envelope,
+            first=first,
+        )
+        # Rows changed in flight go again, outside the budget.
+        budget += result.superseded - superseded
+        if progress is not None:
+            progress(result.sent + result.failed + result.rejected, total)
+
+    sender = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm-sender")
+        if connection.features.has_select_for_update_skip_locked
+        else None
+    )
+    try:
+        with _async_commit():
+            while True:
+                batch = take()
+                if batch is None and answered is not None:
+                    # Its rows changed in flight are due again once it is booked.
+                    deliver(answered[0], envelope=answered[1], first=answered[2])
+                    answered = None
+                    batch = take()
+                if batch is None:
+                    break
+                if not batch[2]:
+                    continue
+                if sender is None:
+                    deliver(batch)
+                    continue
+                envelope = queue.envelope(batch[1])
+                _before_request(config)
+                future = sender.submit(
+                    _send, destination, records=batch[2], key=batch[0], envelope=envelope
+                )
+                # While the request is in flight: book the last answer, claim ahead.
+                if answered is not None:
+                    deliver(answered[0], envelope=answered[1], first=answered[2])
+                    answered = None
+                fill()
+                answer = future.result()
+                if _classify(answer) == Outcome.ACKNOWLEDGED:
+                    answered = (batch, envelope, answer)
+                else:
+                    deliver(batch, envelope=envelope, first=answer)
     finally:
         # Not sent: due again at once, for this run's successor or another run.
         keys = [key for key, _rows, _records in queued]
         if keys:
             _release(model.objects.filter(delivery_key__in=keys))
+        if sender is not None:
+            # The sender may have opened a connection (a destination that reads
+            # the database); it is closed on its own thread.
+            sender.submit(connections.close_all)
+            sender.shutdown(wait=True)
+
+
+@contextmanager
+def _async_commit():
+    """Delivery bookkeeping commits without waiting for the disk for the rest of
+    a run (PostgreSQL's synchronous_commit off on this connection, restored
+    after): see `_bookkeeping`. One SET for the run, not one per transaction."""
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO OFF")
+    token = _SESSION_ASYNC_COMMIT.set(True)
+    try:
+        yield
+    finally:
+        _SESSION_ASYNC_COMMIT.reset(token)
+        with connection.cursor() as cursor:
+            cursor.execute("RESET synchronous_commit")
 
 
 # --- Raw punches: which are new ----------------------------------------------------------
 
 PUNCH_STATE_NAME = "crm_punches"
+# Raw punch ids registered per statement.
+REGISTER_CHUNK_IDS = 50_000
 
 
 def crm_punch_sync(
@@ -1215,11 +1466,13 @@ def crm_punch_sync(
     batch_size: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
     progress: Callable[[int, int], None] | None = None,
+    register_progress: Callable[[int, int], None] | None = None,
 ) -> SyncResult:
     """Delivers raw punches to CRM_PUNCHES_URL: registers the punches stored
-    since the last run (_punches_register), then sends the due ones, one
-    device per request, with the batching, retries, claims and log of
-    crm_sync. At most `limit` punches (default: those due at the start).
+    since the last run (_punches_register, reporting to `progress`), then
+    sends the due ones, one device per request, with the batching, retries,
+    claims and log of crm_sync. At most `limit` punches (default: those due at
+    the start).
 
     Idempotent: a punch is registered once (its delivery row's key is the
     punch's), and delivered as crm_sync delivers a row, so it goes once even
@@ -1235,7 +1488,9 @@ def crm_punch_sync(
     try:
         _prune_log()
         _retry_failed(PunchDelivery)
-        result.registered = _punches_register(sync_from=config.sync_from)
+        result.registered = _punches_register(
+            sync_from=config.sync_from, progress=register_progress
+        )
         _run(
             PUNCHES,
             destination=destination,
@@ -1264,10 +1519,19 @@ def _punch_floor(runs: list[list], *, margin: datetime.timedelta) -> int:
     return floor
 
 
-def _punches_register(*, sync_from: datetime.date | None) -> int:
+def _punches_register(
+    *,
+    sync_from: datetime.date | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
     """Gives each raw punch not yet registered its delivery row (pending, or held
     when suspect); returns how many. Punches before CRM_SYNC_FROM (a local date
-    on their device) are never registered.
+    on their device) are never registered. `progress(ids read, ids to read)` is
+    called after each chunk of REGISTER_CHUNK_IDS ids.
+
+    A first registration reads every stored punch (years, when CRM_SYNC_FROM
+    is not set): one INSERT … SELECT per chunk, so no punch passes through
+    Python and each statement's work is bounded, in one transaction.
 
     Which punches can be new: ids only grow, but a poll can commit after a
     later poll's, so a run may read past an id not yet visible. A poll commits
@@ -1291,11 +1555,23 @@ def _punches_register(*, sync_from: datetime.date | None) -> int:
             ProcessingState.objects.get_or_create(name=PUNCH_STATE_NAME)
         state = ProcessingState.objects.select_for_update().get(name=PUNCH_STATE_NAME)
         floor = _punch_floor(state.recent_runs, margin=margin)
-        top = RawAttendance.objects.filter(pk__gt=floor).aggregate(top=Max("pk"))["top"]
+        bounds = RawAttendance.objects.filter(pk__gt=floor).aggregate(low=Min("pk"), top=Max("pk"))
+        top = bounds["top"]
         stamped = timezone.now()
         registered = 0
         if top is not None:
-            registered = _insert_deliveries(above=floor, up_to=top, sync_from=sync_from)
+            if connection.vendor == "postgresql":
+                # Each chunk's foreign key checks run at the end of its statement:
+                # deferred, PostgreSQL would queue one per row until the commit.
+                with connection.cursor() as cursor:
+                    cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            # Bounded statements: a first registration reads every stored punch.
+            first = bounds["low"] - 1
+            for start in range(first, top, REGISTER_CHUNK_IDS):
+                end = min(start + REGISTER_CHUNK_IDS, top)
+                registered += _insert_deliveries(above=start, up_to=end, sync_from=sync_from)
+                if progress is not None:
+                    progress(end - first, top - first)
         top = max(top or 0, state.last_raw_id)
         runs = [*state.recent_runs, [stamped.isoformat(), top]]
         # The next registration needs the newest run stamped a margin before this one.
@@ -1360,6 +1636,57 @@ def crm_preview(*, destination: Destination | None = None) -> str:
     finally:
         if own_destination:
             destination.close()
+
+
+def crm_punch_preview(*, destination: Destination | None = None) -> str:
+    """The first request of raw punches crm_punch_sync would send now, changing
+    nothing (nothing is registered); "" when no punch would go.
+
+    Punches already registered and due go first, one device per request; when
+    none is, the punches the next registration would register and send
+    (above the registration floor, not suspect, not before CRM_SYNC_FROM).
+    Raises CrmConfigError when the punch export is off or misconfigured.
+    """
+    own_destination = destination is None
+    destination = destination or JsonContractDestination.from_settings(punches=True)
+    try:
+        size = settings.CRM_BATCH_SIZE
+        due = PUNCHES.due(sync_from=None).order_by("raw__device_id", "pk")
+        rows = list(PUNCHES.values(due)[:size])
+        if not rows:
+            rows = _unregistered_punches(limit=size)
+        if not rows:
+            return ""
+        rows = [row for row in rows if row["raw__device_id"] == rows[0]["raw__device_id"]]
+        return destination.preview(
+            records=render_punches(rows),
+            key="<a new key per batch>",
+            envelope=punch_envelope(rows),
+        )
+    finally:
+        if own_destination:
+            destination.close()
+
+
+def _unregistered_punches(*, limit: int) -> list[dict]:
+    """Up to `limit` punches the next registration would register as due, in the
+    shape of `_PUNCH_FIELDS`, those of the lowest device id first. Reads only."""
+    state = ProcessingState.objects.filter(name=PUNCH_STATE_NAME).first()
+    floor = _punch_floor(state.recent_runs, margin=settings.LATE_COMMIT_MARGIN) if state else 0
+    punches = RawAttendance.objects.filter(pk__gt=floor, delivery__isnull=True, is_suspect=False)
+    sync_from = settings.CRM_SYNC_FROM
+    if sync_from is not None:
+        since = Q(pk__in=[])
+        for device_id, zone in Device.objects.values_list("pk", "timezone"):
+            start = datetime.datetime.combine(sync_from, datetime.time(), tzinfo=ZoneInfo(zone))
+            since |= Q(device_id=device_id, timestamp__gte=start)
+        punches = punches.filter(since)
+    fields = [name.removeprefix("raw__") for name in _PUNCH_FIELDS if name.startswith("raw__")]
+    return [
+        {"pk": row["pk"], "version": 1, "resend_count": 0}
+        | {f"raw__{name}": row[name] for name in fields}
+        for row in punches.order_by("device_id", "pk").values("pk", *fields)[:limit]
+    ]
 
 
 @dataclass
@@ -1464,16 +1791,43 @@ def _retry_failed(model) -> int:
 def crm_reset_failed(*, ids: Iterable[int]) -> int:
     """Makes these failed rows due now (the admin's Reset failed); returns how many.
     Idempotent; raises nothing."""
-    return ProcessedAttendance.objects.filter(pk__in=list(ids), sync_state=State.FAILED).update(
-        sync_state=State.PENDING, next_sync_at=None, sync_attempts=0
-    )
+    return _reset_failed(ProcessedAttendance.objects.filter(pk__in=list(ids)))
 
 
 def crm_resend(*, ids: Iterable[int]) -> int:
     """Makes these rows due again whatever their state (the admin's Resend);
     returns how many. The CRM ignores a version it holds, so a resend is safe.
     Idempotent; raises nothing."""
-    return ProcessedAttendance.objects.filter(pk__in=list(ids)).update(
+    return _resend(ProcessedAttendance.objects.filter(pk__in=list(ids)))
+
+
+def crm_punch_reset_failed(*, ids: Iterable[int]) -> int:
+    """Makes these failed punch deliveries due now (the admin's Reset failed on raw
+    punch deliveries); returns how many. Idempotent; raises nothing."""
+    return _reset_failed(PunchDelivery.objects.filter(pk__in=list(ids)))
+
+
+def crm_punch_resend(*, ids: Iterable[int]) -> int:
+    """Makes these punch deliveries due again under a new idempotency key (the
+    admin's Resend on raw punch deliveries); returns how many. Punches held
+    back as suspect stay held: they go once their verdict is cleared. A CRM
+    keeps a punch once (device, employee_id, timestamp), so a resend is safe.
+    Idempotent; raises nothing."""
+    return _resend(
+        PunchDelivery.objects.filter(pk__in=list(ids)).exclude(
+            sync_state=PunchDelivery.SyncState.HELD
+        )
+    )
+
+
+def _reset_failed(rows) -> int:
+    return rows.filter(sync_state=State.FAILED).update(
+        sync_state=State.PENDING, next_sync_at=None, sync_attempts=0
+    )
+
+
+def _resend(rows) -> int:
+    return rows.update(
         sync_state=State.PENDING,
         next_sync_at=None,
         sync_attempts=0,
@@ -1490,10 +1844,38 @@ def _prune_log() -> int:
 # --- The pull feed -----------------------------------------------------------------------
 
 FEED_MAX_LIMIT = 1000
+# The ProcessingState row whose last_raw_id holds the feed's horizon: the
+# highest change number that replaced a version crm_feed_prune dropped. A
+# cursor below it has not read a change older than the retention, and may
+# miss a dropped version: it is answered 410.
+FEED_STATE_NAME = "crm_feed"
+# A record's columns as the feed reads them, from ProcessedAttendance (the
+# current versions) and ProcessedAttendanceVersion (older versions, tombstones)
+# alike. Names are looked up after: joins inside the UNION would keep
+# PostgreSQL from reading both tables in change order and stopping at the limit.
+_FEED_COLUMNS = (
+    "user_id",
+    "work_date",
+    "version",
+    "clock_in",
+    "clock_out",
+    "punch_count",
+    "worked",
+    "is_outlier",
+    "outlier_reasons",
+    "is_manual",
+    "employee_id",
+    "clock_in_device_id",
+    "clock_out_device_id",
+)
 
 
 class InvalidCursor(ValueError):
     """A cursor the feed did not hand out."""
+
+
+class CursorExpired(Exception):
+    """A cursor from before the feed's retention: changes after it were dropped."""
 
 
 @dataclass
@@ -1503,45 +1885,170 @@ class ChangesPage:
     has_more: bool
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"c1:{seq}".encode()).decode().rstrip("=")
+@dataclass(frozen=True)
+class _Cursor:
+    after: int  # the last change served
+    # The last change committed when the consumer started without a cursor:
+    # a version replaced (or a day deleted) by a change up to it was gone
+    # before the consumer started, so it is not served.
+    start: int = 0
+
+    def encode(self) -> str:
+        text = f"c2:{self.after}:{self.start}" if self.after < self.start else f"c1:{self.after}"
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, cursor: str) -> "_Cursor":
+        try:
+            text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+            kind, *numbers = text.split(":")
+            if (kind, len(numbers)) not in (("c1", 1), ("c2", 2)) or not all(
+                n.isdigit() for n in numbers
+            ):
+                raise ValueError
+            return cls(*map(int, numbers))
+        except (ValueError, UnicodeDecodeError, binascii.Error):
+            raise InvalidCursor(
+                f"{cursor!r} is not a cursor of this feed: pass the next_cursor of the previous "
+                "page, or no cursor to start from the beginning."
+            ) from None
 
 
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        version, seq = text.split(":")
-        if version != "c1" or not seq.isdigit():
-            raise ValueError
-        return int(seq)
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise InvalidCursor(
-            f"{cursor!r} is not a cursor of this feed: pass the next_cursor of the previous "
-            "page, or no cursor to start from the beginning."
-        ) from None
+def _feed_rows(*, after: int, start: int, limit: int) -> list[dict]:
+    """The next `limit` versions after change `after`, from both tables, in one
+    statement (one snapshot: a version moving between them is seen in one of them).
+
+    Each table is read in change order up to the limit, through its own index,
+    and the two short lists are merged: the planner does not merge two indexes
+    under a UNION's ORDER BY … LIMIT by itself, and sorted both tables whole.
+    """
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(c) for c in _FEED_COLUMNS)
+    since_start = f"AND {quote('replaced_by')} > %s" if after < start else ""
+    live_seq, seq = quote("change_seq"), quote("seq")
+    sql = (
+        f"SELECT * FROM ("
+        f"SELECT * FROM (SELECT {live_seq} AS seq, {quote('id')} AS day_id, %s AS deleted,"
+        f" {columns} FROM {quote(ProcessedAttendance._meta.db_table)}"
+        f" WHERE {live_seq} > %s ORDER BY {live_seq} LIMIT %s) AS live"
+        f" UNION ALL "
+        f"SELECT * FROM (SELECT {seq}, {quote('day_id')}, {quote('deleted')}, {columns}"
+        f" FROM {quote(ProcessedAttendanceVersion._meta.db_table)}"
+        f" WHERE {seq} > %s {since_start} ORDER BY {seq} LIMIT %s) AS older"
+        f") AS feed ORDER BY seq LIMIT %s"
+    )
+    params = [False, after, limit, after, *([start] if since_start else []), limit, limit]
+    # Raw rows as ProcessedAttendanceVersion instances: the model's converters
+    # decode each column alike on both databases. They are never saved.
+    return [
+        {"seq": v.seq, "deleted": v.deleted, **{c: getattr(v, c) for c in _FEED_COLUMNS}}
+        for v in ProcessedAttendanceVersion.objects.raw(sql, params)
+    ]
+
+
+def _with_names(rows: list[dict]) -> list[dict]:
+    """Adds the employee and device names and zones render_records reads (two queries)."""
+    employees = dict(
+        Employee.objects.filter(pk__in={r["employee_id"] for r in rows} - {None}).values_list(
+            "pk", "name"
+        )
+    )
+    wanted = {r[k] for r in rows for k in ("clock_in_device_id", "clock_out_device_id")}
+    devices = {
+        pk: (name, zone)
+        for pk, name, zone in Device.objects.filter(pk__in=wanted - {None}).values_list(
+            "pk", "name", "timezone"
+        )
+    }
+    for row in rows:
+        row["employee__name"] = employees.get(row["employee_id"])
+        for end in ("clock_in_device", "clock_out_device"):
+            row[f"{end}__name"], row[f"{end}__timezone"] = devices.get(
+                row[f"{end}_id"], (None, None)
+            )
+    return rows
+
+
+def _last_change() -> int:
+    """The highest change number committed (version writers commit in its order)."""
+    live = ProcessedAttendance.objects.aggregate(top=Max("change_seq"))["top"] or 0
+    older = ProcessedAttendanceVersion.objects.aggregate(top=Max("seq"))["top"] or 0
+    return max(live, older)
+
+
+def feed_horizon() -> int:
+    """The highest change number that replaced a version crm_feed_prune dropped (0: none)."""
+    found = ProcessingState.objects.filter(name=FEED_STATE_NAME).values_list(
+        "last_raw_id", flat=True
+    )
+    return next(iter(found), 0)
 
 
 def crm_changes(*, cursor: str | None = None, limit: int = 100) -> ChangesPage:
-    """The daily records changed since `cursor`, oldest change first, in the
-    contract's shape, and the cursor to pass next.
+    """The versions of daily records written since `cursor`, oldest change
+    first, in the contract's shape plus `deleted`, and the cursor to pass next.
 
-    Every write of a new version moves the row to the end of the feed
-    (change_seq, kept by a database trigger), and version writers commit in
-    change_seq order, so a consumer that follows next_cursor sees every row at
-    each version it held when read, and misses no change, even one committed
-    while it reads. Reads only; safe to repeat. Days before CRM_SYNC_FROM are
-    served too. Raises InvalidCursor for a cursor it did not hand out.
+    The current versions come from ProcessedAttendance (change_seq), the
+    versions since replaced and the deleted days (tombstones, `deleted` true)
+    from ProcessedAttendanceVersion, both kept by database triggers whoever
+    writes; version writers commit in change_seq order and one statement reads
+    both tables, so a consumer that follows next_cursor sees every version of
+    every day written after it started, and misses no change, even one
+    committed while it reads. Without a cursor the feed starts with every day
+    at its current version. Reads only; safe to repeat. Days before
+    CRM_SYNC_FROM are served too. Raises InvalidCursor for a cursor it did not
+    hand out, CursorExpired for one older than CRM_FEED_RETENTION_DAYS allows.
     """
-    after = _decode_cursor(cursor) if cursor else 0
+    position = _Cursor.decode(cursor) if cursor else _Cursor(0, _last_change())
     limit = max(1, min(limit, FEED_MAX_LIMIT))
-    rows = list(
-        ProcessedAttendance.objects.filter(change_seq__gt=after)
-        .order_by("change_seq")
-        .values(*_RECORD_FIELDS, "change_seq")[: limit + 1]
-    )
+    rows = _feed_rows(after=position.after, start=position.start, limit=limit + 1)
+    # Checked after the read: a prune that committed before it is seen here.
+    if cursor and feed_horizon() > max(position.after, position.start):
+        raise CursorExpired(
+            "This cursor is older than the feed keeps changes "
+            f"(CRM_FEED_RETENTION_DAYS={settings.CRM_FEED_RETENTION_DAYS}): versions and "
+            "deletions after it were dropped. Start again without a cursor: the feed then "
+            "serves every day at its current version; remove from your copy the days that "
+            "pass does not serve."
+        )
     has_more = len(rows) > limit
-    rows = rows[:limit]
-    last = rows[-1]["change_seq"] if rows else after
+    rows = _with_names(rows[:limit])
+    records = render_records(rows)
+    for record, row in zip(records, rows, strict=True):
+        record["deleted"] = row["deleted"]
+    after = rows[-1]["seq"] if rows else position.after
     return ChangesPage(
-        records=render_records(rows), next_cursor=_encode_cursor(last), has_more=has_more
+        records=records,
+        next_cursor=_Cursor(after, position.start).encode(),
+        has_more=has_more,
     )
+
+
+def crm_feed_prune(*, now: datetime.datetime | None = None) -> int:
+    """Drops the older versions and tombstones replaced more than
+    CRM_FEED_RETENTION_DAYS ago, and raises the feed's horizon to the highest
+    change number that replaced one of them; returns how many it dropped.
+
+    Keeps the newest of them whatever its age: SQLite numbers a change after
+    the highest number held, and must never hand one out twice. Idempotent;
+    call it under the processing lock (attendance_process does), so that two
+    prunes do not interleave. Raises nothing of its own.
+    """
+    cutoff = (now or timezone.now()) - datetime.timedelta(days=settings.CRM_FEED_RETENTION_DAYS)
+    # One probe of the index on recorded_at when nothing is due, which is most
+    # runs: a processing run pays nothing for a large history.
+    oldest = ProcessedAttendanceVersion.objects.order_by("recorded_at").values_list(
+        "recorded_at", flat=True
+    )[:1]
+    if not oldest or oldest[0] >= cutoff:
+        return 0
+    newest = ProcessedAttendanceVersion.objects.aggregate(top=Max("seq"))["top"]
+    expired = ProcessedAttendanceVersion.objects.filter(recorded_at__lt=cutoff).exclude(seq=newest)
+    top = expired.aggregate(top=Max("replaced_by"))["top"]
+    if top is None:
+        return 0
+    dropped, _ = expired.delete()
+    state, _ = ProcessingState.objects.get_or_create(name=FEED_STATE_NAME)
+    if top > state.last_raw_id:
+        ProcessingState.objects.filter(pk=state.pk).update(last_raw_id=top)
+    return dropped

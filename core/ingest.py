@@ -33,7 +33,14 @@ from django.utils import timezone
 from core import metrics
 from core.audit import AuditEntry, audit_record
 from core.models import Device, Employee, RawAttendance
-from core.zk.client import DeviceClient, DeviceError, DeviceSizes, DeviceUser, Punch
+from core.zk.client import (
+    DeviceClient,
+    DeviceError,
+    DeviceSizes,
+    DeviceTimeout,
+    DeviceUser,
+    Punch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ class PollResult:
     users: int = 0
     seconds: float = 0.0
     error: str = ""
+    # The device did not answer in time (DeviceTimeout), as opposed to any other failure.
+    timed_out: bool = False
     # The poll succeeded but the operator should look: e.g. user names that are
     # not valid in the device's encoding.
     warnings: list[str] = field(default_factory=list)
@@ -92,6 +101,7 @@ class DeviceReport:
     device_name: str
     ok: bool = False
     error: str = ""
+    timed_out: bool = False
     identity: dict[str, str] = field(default_factory=dict)
     sizes: DeviceSizes | None = None
     clock_drift_seconds: float | None = None
@@ -417,6 +427,7 @@ def device_poll(
                 result.warnings = log.warnings
     except DeviceError as exc:
         result.error = str(exc)
+        result.timed_out = isinstance(exc, DeviceTimeout)
         result.seconds = time.monotonic() - started
         device_record_failure(device=device, error=result.error, at=now)
         logger.warning("Poll of device %s (id %s) failed: %s", device.name, device.pk, exc)
@@ -822,6 +833,7 @@ def device_test(*, device: Device) -> DeviceReport:
             device_now = client.get_time()
     except DeviceError as exc:
         report.error = str(exc)
+        report.timed_out = isinstance(exc, DeviceTimeout)
         return report
     report.clock_drift_seconds = clock_drift(device_now, zone=device.zone, now=timezone.now())
     report.ok = True

@@ -428,11 +428,78 @@ class ProcessedAttendance(DeliveryState):
         # Sending again is more than viewing a row: each action has its own permission.
         permissions = [
             ("resend_processedattendance", "Can resend daily records to the CRM"),
+            ("process_processedattendance", "Can run processing of punches into daily records"),
             ("reset_failed_processedattendance", "Can make failed deliveries due again"),
         ]
 
     def __str__(self) -> str:
         return f"{self.user_id} on {self.work_date}"
+
+
+class ProcessedAttendanceVersion(models.Model):
+    """A version of a daily record the pull feed still serves after the row
+    moved on (superseded by a newer version, or deleted), or the tombstone of a
+    deleted row (`deleted`, with its last version's values and number). Written only by database triggers (migration 0011),
+    whoever changes the row, in the writer's transaction; the current versions
+    stay in ProcessedAttendance. Dropped after CRM_FEED_RETENTION_DAYS.
+    """
+
+    # The version's position in the feed: the change_seq it had, or a new one
+    # for a deletion.
+    seq = models.BigIntegerField(primary_key=True)
+    # The change number of the write that replaced it (its own seq for a
+    # tombstone): a consumer that started after that write never needs it.
+    replaced_by = models.BigIntegerField()
+    day_id = models.BigIntegerField(help_text="The daily record's id (it may be gone).")
+    deleted = models.BooleanField(default=False)
+    user_id = models.CharField("user ID", max_length=24)
+    # No database constraints: a version outlives the employee or device it
+    # names; the feed then shows no name, as it would for the live row.
+    employee = models.ForeignKey(
+        Employee,
+        null=True,
+        on_delete=models.DO_NOTHING,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    work_date = models.DateField()
+    version = models.PositiveIntegerField()
+    clock_in = models.DateTimeField(null=True)
+    clock_out = models.DateTimeField(null=True)
+    clock_in_device = models.ForeignKey(
+        Device,
+        null=True,
+        on_delete=models.DO_NOTHING,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    clock_out_device = models.ForeignKey(
+        Device,
+        null=True,
+        on_delete=models.DO_NOTHING,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
+    punch_count = models.PositiveIntegerField()
+    worked = models.DurationField(null=True)
+    is_outlier = models.BooleanField()
+    outlier_reasons = models.JSONField(default=list)
+    is_manual = models.BooleanField()
+    recorded_at = models.DateTimeField(default=now)
+
+    class Meta:
+        verbose_name = "daily attendance version"
+        indexes = [
+            models.Index(fields=["recorded_at"], name="processed_version_recorded"),
+            models.Index(fields=["replaced_by"], name="processed_version_replaced"),
+        ]
+
+    def __str__(self) -> str:
+        state = "deleted" if self.deleted else "superseded"
+        return f"{self.user_id} on {self.work_date} v{self.version} ({state})"
 
 
 class PunchDelivery(DeliveryState):
@@ -471,6 +538,11 @@ class PunchDelivery(DeliveryState):
                 name="punch_delivery_in_flight",
                 condition=~models.Q(delivery_key=""),
             ),
+        ]
+        # As for daily records: sending again is more than viewing a delivery.
+        permissions = [
+            ("resend_punchdelivery", "Can resend raw punches to the CRM"),
+            ("reset_failed_punchdelivery", "Can make failed punch deliveries due again"),
         ]
 
     def __str__(self) -> str:

@@ -21,9 +21,11 @@ import logging
 
 from celery import shared_task
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import OperationalError, transaction
 
 from core import crm, health, ingest, pipeline, retention
+from core.audit import audit_clock_set
 from core.models import Device
 from core.processing import attendance_process
 
@@ -71,7 +73,6 @@ def poll_device(device_id: int, force_full: bool = False) -> dict | None:
     )
     if result is None:
         return None
-    logger.info("Poll: %s", result.summary())
     if result.ok and (result.new or result.revised):
         _follow_up(process_attendance, pipeline.PROCESS)
         if settings.CRM_PUNCHES_URL and result.new:
@@ -102,12 +103,16 @@ def test_device(device_id: int) -> dict | None:
 
 
 @shared_task
-def sync_device_time(device_id: int) -> dict | None:
-    """Sets one device's clock to the server's time in its zone (ingest.device_sync_time)."""
+def sync_device_time(device_id: int, actor_id: int | None = None) -> dict | None:
+    """Sets one device's clock to the server's time in its zone (ingest.device_sync_time)
+    and records it in the audit log as done by the user ``actor_id`` (who asked
+    for it through the API; None for no one, or a user deleted since)."""
     device = _device(device_id)
     if device is None:
         return None
     local_now = ingest.device_sync_time(device=device)
+    actor = None if actor_id is None else get_user_model().objects.filter(pk=actor_id).first()
+    audit_clock_set(actor=actor, device=device, set_to=local_now)
     return {"device_id": device_id, "set_to": local_now.isoformat()}
 
 

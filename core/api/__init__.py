@@ -1,1 +1,1 @@
-"""The REST API: views that parse a request, call one stage function, and render."""
+"""The REST API (docs/api.md): thin views over the pipeline's stage functions."""

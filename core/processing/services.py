@@ -19,6 +19,7 @@ from django.db.models import F, Max
 from django.utils import timezone
 
 from core import metrics
+from core.crm import crm_feed_prune
 from core.models import ProcessedAttendance, RawAttendance
 from core.processing import planning, storage
 from core.processing.diff import diff_days
@@ -230,9 +231,11 @@ def attendance_process(
     differences are written, so a run with nothing new changes nothing and
     bumps no version. A changed row gets version + 1 and is due for delivery
     again; HR-edited rows are never overwritten. Runs hold a lock, so two never
-    interleave. `progress`, when given, is called with (employees done,
-    employees to do) after each batch. Each run adds to the processing totals
-    of /metrics (core.metrics). Raises ValueError for a bad combination of arguments.
+    interleave. Each run also drops the pull feed's versions past their
+    retention (core.crm.crm_feed_prune). `progress`, when given, is called
+    with (employees done, employees to do) after each batch. Each run adds to
+    the processing totals of /metrics (core.metrics). Raises ValueError for a
+    bad combination of arguments.
     """
     if full and (date_from or date_to):
         raise ValueError("Use either full or a date range, not both.")
@@ -257,6 +260,8 @@ def attendance_process(
         _recompute(groups, calendar=calendar, now=now, result=result, progress=progress)
         if mode != "range":
             planning.record_run(state, max_id=max_id, started=now)
+        # The feed's older versions and tombstones age out here, under the lock.
+        crm_feed_prune(now=now)
         metrics.counter_add(
             counts=[
                 (metrics.PROCESSING_RUNS, 0, mode, 1),

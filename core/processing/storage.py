@@ -24,7 +24,13 @@ from django.db import connection
 from django.db.models import F, Lookup, Q, QuerySet
 from psycopg.pq import Format
 
-from core.models import Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import (
+    Device,
+    Employee,
+    ProcessedAttendance,
+    ProcessedAttendanceVersion,
+    RawAttendance,
+)
 from core.processing.diff import ROW_COLUMNS, StoredDay
 from core.processing.rules import Hours
 from core.processing.shifts import COMPUTED_FIELDS, Punch
@@ -52,6 +58,23 @@ _DUE = {
     "sync_attempts": 0,
     "next_sync_at": None,
 }
+# What the pull feed keeps of a version it replaces (ProcessedAttendanceVersion).
+_VERSION_COLUMNS = (
+    "id",
+    "user_id",
+    "employee_id",
+    "work_date",
+    "version",
+    "clock_in",
+    "clock_out",
+    "clock_in_device_id",
+    "clock_out_device_id",
+    "punch_count",
+    "worked",
+    "is_outlier",
+    "outlier_reasons",
+    "is_manual",
+)
 _UPSERT_FIELDS = [
     "employee",
     "clock_in",
@@ -323,7 +346,9 @@ class DayInserter:
 def update_days(changed: list[tuple[int, tuple]], *, now: datetime.datetime) -> None:
     """Overwrites changed rows, given as (pk, row as in ROW_COLUMNS); each is due again.
 
-    On PostgreSQL: COPY into a temporary table, then one UPDATE … FROM.
+    On PostgreSQL: COPY into a temporary table, then one UPDATE … FROM, whose
+    statement also copies the versions it replaces into the pull feed's
+    history (ProcessedAttendanceVersion); elsewhere a database trigger does.
     """
     if connection.vendor != "postgresql":
         ProcessedAttendance.objects.bulk_create(
@@ -344,6 +369,12 @@ def update_days(changed: list[tuple[int, tuple]], *, now: datetime.datetime) -> 
     columns = [quote(meta.get_field(name).column) for name in ROW_COLUMNS]
     assignments = [f"{c} = t.{c}" for c in columns[2:]]  # not the (user_id, work_date) key
     assignments += [f"{quote(name)} = %s" for name in (*_DUE, "updated_at")]
+    # Numbered here rather than by the row trigger, which leaves a row numbered
+    # by its writer alone, so that the versions these rows replace go to the
+    # pull feed's history in one INSERT rather than one per row (migration 0011).
+    # The statement's lock trigger has run before nextval is called.
+    assignments.append("change_seq = nextval('core_processed_change_seq')")
+    kept = ", ".join(f"o.{quote(c)}" for c in _VERSION_COLUMNS)
     with connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS processing_changed ON COMMIT DROP AS "
@@ -354,10 +385,21 @@ def update_days(changed: list[tuple[int, tuple]], *, now: datetime.datetime) -> 
             copy.set_types(types)
             for pk, row in changed:
                 copy.write_row((pk, *row))
+        # The FROM list reads each row a second time, as `o`: in the statement's
+        # snapshot, so as it was before this UPDATE, which RETURNING hands to
+        # the INSERT with the number the row now has.
+        day_id, *rest = (quote(c) for c in _VERSION_COLUMNS)
         cursor.execute(
-            f"UPDATE {table} AS p SET {', '.join(assignments)} "
-            f"FROM processing_changed AS t WHERE p.id = t.id",
-            [*_DUE.values(), now],
+            f"WITH new AS ("
+            f"  UPDATE {table} AS p SET {', '.join(assignments)}"
+            f"  FROM processing_changed AS t JOIN {table} AS o ON o.id = t.id"
+            f"  WHERE p.id = t.id"
+            f"  RETURNING p.change_seq AS replaced_by, o.change_seq, {kept}"
+            f") INSERT INTO {quote(ProcessedAttendanceVersion._meta.db_table)} "
+            f"(seq, replaced_by, day_id, deleted, {', '.join(rest)}, recorded_at) "
+            f"SELECT change_seq, replaced_by, {day_id}, false, {', '.join(rest)}, %s "
+            f"FROM new WHERE change_seq IS NOT NULL",
+            [*_DUE.values(), now, now],
         )
         cursor.execute("TRUNCATE processing_changed")
 

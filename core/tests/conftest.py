@@ -47,3 +47,64 @@ def fake_crm():
     yield start
     for crm in running:
         crm.stop()
+
+
+# --- REST API ----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def fresh_throttle_counts():
+    """Request counts (core.api.throttling) live in the cache: each test starts at zero."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def api_as(django_user_model):
+    """``api_as(groups=("HR",), perms=("core.view_device",))``: an APIClient logged in as a
+    new user in these groups with these permissions; ``api_as(None)`` is anonymous."""
+    from django.contrib.auth.models import Group, Permission
+    from rest_framework.test import APIClient
+
+    count = iter(range(1, 1000))
+
+    def login(groups=(), perms=(), *, anonymous: bool = False) -> APIClient:
+        client = APIClient()
+        if anonymous:
+            return client
+        user = django_user_model.objects.create_user(f"user{next(count)}")
+        user.groups.add(*Group.objects.filter(name__in=groups))
+        for perm in perms:
+            app_label, codename = perm.split(".")
+            user.user_permissions.add(
+                Permission.objects.get(content_type__app_label=app_label, codename=codename)
+            )
+        client.force_authenticate(user)
+        client.user = user
+        return client
+
+    return login
+
+
+@pytest.fixture
+def celery_sent():
+    """Tasks the code enqueues go to an in-memory broker; the list holds
+    (task name, args, kwargs, task id) of each one published."""
+    from celery.signals import after_task_publish
+
+    from attendance_bridge.celery import app
+
+    sent = []
+
+    def record(sender=None, headers=None, body=None, **_):
+        sent.append((sender, tuple(body[0]), body[1], headers["id"]))
+
+    url, pool = app.conf.broker_url, app._pool
+    app.conf.broker_url, app._pool = "memory://", None
+    after_task_publish.connect(record, weak=False)
+    yield sent
+    after_task_publish.disconnect(record)
+    app.conf.broker_url, app._pool = url, pool

@@ -4,11 +4,12 @@ import datetime
 import socket
 
 import pytest
+from auditlog.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from core.ingest import punches_judge
-from core.models import Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import Device, Employee, ProcessedAttendance, PunchDelivery, RawAttendance
 from core.processing import attendance_edit, attendance_process
 from core.tests.factories import DeviceFactory, EmployeeFactory, RawAttendanceFactory
 from core.zk.emulator import DeviceState
@@ -277,6 +278,8 @@ ACTIONS = [
     ("processedattendance", "discard_edits", "core.change_processedattendance"),
     ("processedattendance", "resend", "core.resend_processedattendance"),
     ("processedattendance", "reset_failed", "core.reset_failed_processedattendance"),
+    ("punchdelivery", "resend", "core.resend_punchdelivery"),
+    ("punchdelivery", "reset_failed", "core.reset_failed_punchdelivery"),
 ]
 DEVICE_PERMISSIONS = [
     "core.change_device",
@@ -301,7 +304,7 @@ def one_of_each():
     """A row in every changelist, so that each has something to act on."""
     device = DeviceFactory(name="Lobby")
     EmployeeFactory(user_id="1001", name="Ana Silva")
-    RawAttendanceFactory(device=device, user_id="1001")
+    PunchDelivery.objects.create(raw=RawAttendanceFactory(device=device, user_id="1001"))
     return device
 
 
@@ -315,7 +318,9 @@ def test_an_action_is_offered_only_to_a_user_with_its_permission(
     assert action in offered_actions(client, model)
 
 
-@pytest.mark.parametrize("model", ["device", "employee", "rawattendance", "processedattendance"])
+@pytest.mark.parametrize(
+    "model", ["device", "employee", "rawattendance", "processedattendance", "punchdelivery"]
+)
 def test_a_view_only_user_is_offered_no_action_at_all(staff_client, one_of_each, model):
     assert offered_actions(staff_client(f"core.view_{model}"), model) == set()
 
@@ -484,14 +489,18 @@ def test_a_day_action_runs_for_a_user_with_the_change_permission(
         assert day.clock_in == worked_day.clock_in
 
 
-@pytest.mark.parametrize("model", ["device", "employee", "processedattendance", "rawattendance"])
+@pytest.mark.parametrize(
+    "model", ["device", "employee", "processedattendance", "rawattendance", "punchdelivery"]
+)
 def test_a_view_only_user_can_neither_add_change_nor_delete(staff_client, worked_day, model):
     EmployeeFactory(user_id="1001", name="Ana Silva")
+    PunchDelivery.objects.create(raw=RawAttendance.objects.first())
     row = {
         "device": Device.objects.first,
         "employee": Employee.objects.first,
         "processedattendance": lambda: worked_day,
         "rawattendance": RawAttendance.objects.first,
+        "punchdelivery": PunchDelivery.objects.first,
     }[model]()
     before = type(row).objects.values().get(pk=row.pk)
     counts = (Device.objects.count(), Employee.objects.count(), RawAttendance.objects.count())
@@ -740,3 +749,116 @@ def test_the_delivery_log_is_shown_and_cannot_be_changed(staff_client):
     )
     assert response.status_code == 403
     assert DeliveryLog.objects.get(pk=entry.pk).records == 100
+
+
+# --- Raw punch deliveries ------------------------------------------------------------------
+
+PUNCH_ACTIONS = [
+    ("resend", "core.resend_punchdelivery", "synced"),
+    ("reset_failed", "core.reset_failed_punchdelivery", "failed"),
+]
+
+
+@pytest.fixture
+def punch_delivery():
+    """A punch at 08:00 UTC on a Tokyo clock whose delivery the CRM refused."""
+    punch = RawAttendanceFactory(
+        device=DeviceFactory(name="Warehouse", timezone="Asia/Tokyo"),
+        user_id="1001",
+        timestamp=datetime.datetime(2026, 11, 2, 8, 0, tzinfo=datetime.UTC),
+    )
+    return PunchDelivery.objects.create(
+        raw=punch,
+        sync_state="rejected",
+        sync_attempts=2,
+        crm_status=422,
+        crm_response='{"errors": [{"error": "user 1001 is not known to this CRM"}]}',
+        last_sync_error="The CRM refused this record: HTTP 422",
+    )
+
+
+def test_the_punch_delivery_list_shows_the_crm_answer_and_filters_by_state(
+    staff_client, punch_delivery
+):
+    PunchDelivery.objects.create(
+        raw=RawAttendanceFactory(device=punch_delivery.raw.device, user_id="1002")
+    )
+    client = staff_client("core.view_punchdelivery")
+    url = reverse("admin:core_punchdelivery_changelist")
+    listing = client.get(url + "?sync_state__exact=rejected").content.decode()
+    assert "The CRM refused this record" in listing
+    assert "2026-11-02 17:00:00 JST" in listing and "Warehouse" in listing
+    assert "1002" not in listing
+    assert "1002" in client.get(url + "?sync_state__exact=pending").content.decode()
+    page = client.get(
+        reverse("admin:core_punchdelivery_change", args=[punch_delivery.pk])
+    ).content.decode()
+    assert "422" in page and "user 1001 is not known to this CRM" in page
+    assert 'name="_save"' not in page
+
+
+@pytest.mark.parametrize("action, perm, state", PUNCH_ACTIONS)
+@pytest.mark.parametrize("holder", ["view only", "the daily records' permission", "the other"])
+def test_a_crafted_punch_delivery_action_without_its_permission_changes_nothing(
+    staff_client, punch_delivery, action, perm, state, holder
+):
+    PunchDelivery.objects.filter(pk=punch_delivery.pk).update(
+        sync_state=state, sync_attempts=4, last_sync_error="HTTP 500"
+    )
+    before = PunchDelivery.objects.values().get(pk=punch_delivery.pk)
+    other = {
+        "view only": [],
+        "the daily records' permission": [perm.replace("punchdelivery", "processedattendance")],
+    }.get(holder, [p for _, p, _ in PUNCH_ACTIONS if p != perm])
+    client = staff_client("core.view_punchdelivery", *other)
+    assert action not in offered_actions(client, "punchdelivery")
+    response = client.post(
+        reverse("admin:core_punchdelivery_changelist"),
+        {"action": action, "index": 0, "_selected_action": [punch_delivery.pk]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    assert PunchDelivery.objects.values().get(pk=punch_delivery.pk) == before
+
+
+@pytest.mark.parametrize("action, perm, state", PUNCH_ACTIONS)
+def test_a_punch_delivery_action_makes_the_punch_due_for_a_user_with_its_permission(
+    staff_client, punch_delivery, action, perm, state
+):
+    PunchDelivery.objects.filter(pk=punch_delivery.pk).update(
+        sync_state=state, next_sync_at=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    )
+    client = staff_client("core.view_punchdelivery", perm)
+    response = client.post(
+        reverse("admin:core_punchdelivery_changelist"),
+        {"action": action, "index": 0, "_selected_action": [punch_delivery.pk]},
+        follow=True,
+    )
+    assert "1 " in response.content.decode()
+    assert "due for delivery again" in response.content.decode()
+    delivery = PunchDelivery.objects.get(pk=punch_delivery.pk)
+    assert (delivery.sync_state, delivery.next_sync_at) == ("pending", None)
+    assert delivery.resend_count == (1 if action == "resend" else 0)
+    entry = LogEntry.objects.get(additional_data__action=f"crm_punch_{action}")
+    assert entry.object_pk == str(punch_delivery.pk)
+    assert entry.changes["sync_state"] == [state, "pending"]
+    assert entry.actor.has_perm(perm)
+
+
+def test_reset_failed_leaves_punches_that_did_not_fail(staff_client, punch_delivery):
+    client = staff_client("core.view_punchdelivery", "core.reset_failed_punchdelivery")
+    client.post(
+        reverse("admin:core_punchdelivery_changelist"),
+        {"action": "reset_failed", "index": 0, "_selected_action": [punch_delivery.pk]},
+    )
+    assert PunchDelivery.objects.get(pk=punch_delivery.pk).sync_state == "rejected"
+
+
+def test_resend_leaves_a_punch_held_back_as_suspect_held(staff_client, punch_delivery):
+    PunchDelivery.objects.filter(pk=punch_delivery.pk).update(sync_state="held")
+    client = staff_client("core.view_punchdelivery", "core.resend_punchdelivery")
+    client.post(
+        reverse("admin:core_punchdelivery_changelist"),
+        {"action": "resend", "index": 0, "_selected_action": [punch_delivery.pk]},
+    )
+    assert PunchDelivery.objects.get(pk=punch_delivery.pk).sync_state == "held"

@@ -253,12 +253,31 @@ def test_a_missing_ca_bundle_is_a_clear_error(crm, settings, tmp_path):
         call_command("sync_to_crm")
 
 
-def test_a_ca_bundle_is_what_requests_verifies_against(tmp_path):
+def test_a_ca_bundle_is_what_requests_verifies_against(tmp_path, monkeypatch):
     bundle = tmp_path / "ca.pem"
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/from/the/environment.pem")
     destination = JsonContractDestination(url="https://127.0.0.1:1/", ca_bundle=str(bundle))
     assert destination.session.verify == str(bundle)
+    # Without one, the environment's bundle (read once), else the public ones.
+    assert (
+        JsonContractDestination(url="https://127.0.0.1:1/").session.verify
+        == "/from/the/environment.pem"
+    )
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
     assert JsonContractDestination(url="https://127.0.0.1:1/").session.verify is True
+
+
+def test_proxy_settings_of_the_environment_are_read_once_and_kept(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "crm.internal")
+    outside = JsonContractDestination(url="https://crm.example.com/import")
+    inside = JsonContractDestination(url="https://crm.internal/import")
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert outside.session.proxies.get("https") == "http://proxy.example:3128"
+    assert not outside.session.trust_env
+    assert "https" not in inside.session.proxies
 
 
 def test_without_a_crm_url_push_is_off(settings):
@@ -921,3 +940,23 @@ def test_a_run_stopped_by_an_outage_releases_the_batches_it_claimed_but_did_not_
     assert states() == {State.PENDING: 40, State.FAILED: 20}
     assert not ProcessedAttendance.objects.exclude(delivery_key="").exists()
     assert crm_sync().sent == 40
+
+
+def test_claimed_records_are_the_contract_records_of_the_same_rows(crm):
+    from core.crm import _RECORD_FIELDS, _claim, _Config, render_records
+
+    tokyo = DeviceFactory(name="Tokyo door", timezone="Asia/Tokyo")
+    ids = make_days(6, users=3, device=DeviceFactory(timezone="America/St_Johns"))
+    ProcessedAttendance.objects.filter(pk=ids[0]).update(
+        clock_in=datetime.datetime(2026, 11, 2, 7, 59, 58, 123456, tzinfo=UTC),
+        clock_out=None,
+        clock_out_device=None,
+        worked=None,
+    )
+    ProcessedAttendance.objects.filter(pk=ids[1]).update(clock_out_device=tokyo)
+    expected = render_records(ProcessedAttendance.objects.order_by("pk").values(*_RECORD_FIELDS))
+    claimed = _claim(limit=10, config=_Config.load(sleep=time.sleep, batch_size=None))
+    assert [record for _key, _rows, records in claimed for record in records] == expected
+    assert expected[0]["clock_in"] == "2026-11-02T04:29:58.123456-03:30"
+    assert expected[0]["clock_out"] is None
+    assert expected[1]["clock_out"].endswith("+09:00")

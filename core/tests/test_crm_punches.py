@@ -1,6 +1,7 @@
 """The raw punch export (CRM_PUNCHES_URL), against the fake CRM over loopback."""
 
 import datetime
+import json
 import threading
 
 import pytest
@@ -314,3 +315,79 @@ def test_a_crash_after_the_post_resends_the_punches_under_the_same_key(crm, door
     assert (result.sent, result.replayed_batches) == (2, 1)
     assert crm.keys_seen() == [key, key]
     assert crm.state.stats.replays == 1 and crm.state.stats.punches_duplicated == 0
+
+
+def test_sync_to_crm_dry_run_previews_the_first_punch_request_and_changes_nothing(
+    crm, door, settings, capsys
+):
+    settings.CRM_API_URL = ""
+    tokyo = DeviceFactory(name="Tokyo gate", ip_address="127.0.0.2", timezone="Asia/Tokyo")
+    punch(tokyo, "2002", "2026-11-02 07:00")
+    punch(door, "1001", "2026-11-02 08:00")
+    punch(door, "1001", "2030-01-01 08:00", is_suspect=True, suspect_reason="future")
+    with time_machine.travel(START, tick=False):
+        call_command("sync_to_crm", dry_run=True)
+    out = capsys.readouterr().out
+    assert out.startswith(f"POST {crm.punches_url}")
+    assert "Authorization: Token ****" in out and "secret-token" not in out
+    body = json.loads(out[out.index("{") :])
+    # One device per request: the lowest device id, and no suspect punch.
+    assert body["device_info"]["name"] == "Front door"
+    assert [(r["employee_id"], r["timestamp"]) for r in body["records"]] == [
+        ("1001", "2026-11-02T08:00:00+00:00")
+    ]
+    assert crm.state.stats.requests == 0
+    assert not PunchDelivery.objects.exists()
+    assert not ProcessingState.objects.filter(name="crm_punches").exists()
+
+    # Registered and due, the same punch is what the preview shows.
+    with time_machine.travel(START, tick=False):
+        from core.crm import _punches_register
+
+        _punches_register(sync_from=None)
+        before = list(PunchDelivery.objects.order_by("pk").values())
+        call_command("sync_to_crm", dry_run=True)
+    body = json.loads(capsys.readouterr().out.split("\n\n", 1)[1])
+    assert [r["timestamp"] for r in body["records"]] == ["2026-11-02T08:00:00+00:00"]
+    assert list(PunchDelivery.objects.order_by("pk").values()) == before
+
+
+def test_sync_to_crm_dry_run_says_when_no_punch_would_go(crm, door, capsys):
+    call_command("sync_to_crm", dry_run=True)
+    assert "No raw punch is due" in capsys.readouterr().out
+
+
+def test_a_registration_reads_in_chunks_and_reports_its_progress(crm, door, monkeypatch):
+    monkeypatch.setattr("core.crm.REGISTER_CHUNK_IDS", 2)
+    for minute in range(5):
+        punch(door, "1001", f"2026-11-02 08:0{minute}")
+    seen = []
+    with time_machine.travel(START, tick=False):
+        result = crm_punch_sync(register_progress=lambda done, total: seen.append((done, total)))
+    assert (result.registered, result.sent) == (5, 5)
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert len(crm.punches()) == 5
+
+
+def test_sync_to_crm_shows_the_registration_progress_on_a_terminal(
+    crm, door, settings, monkeypatch
+):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    settings.CRM_API_URL = ""
+    punch(door, "1001", "2026-11-02 08:00")
+    punch(door, "1001", "2026-11-02 17:00")
+    terminal, pipe, out = Terminal(), io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", terminal)
+    with time_machine.travel(START, tick=False):
+        call_command("sync_to_crm", stdout=out)
+    assert "raw punches: registering" in terminal.getvalue()
+    punch(door, "1001", "2026-11-02 18:00")
+    monkeypatch.setattr("sys.stderr", pipe)
+    with time_machine.travel(START + M, tick=False):
+        call_command("sync_to_crm", stdout=out)
+    assert pipe.getvalue() == "" and "raw punches: sent 1" in out.getvalue()

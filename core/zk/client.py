@@ -567,6 +567,60 @@ class DeviceClient:
         with self._errors("setting the clock"):
             zk.set_time(moment)
 
+    # -- the users on the device --
+
+    def read_users(self) -> list[DeviceUser]:
+        """The users on the device, read live (without disabling it: users are
+        not added while someone punches, and the count proves the buffer)."""
+        sizes = self.read_sizes()
+        if not sizes.users:
+            return []
+        buffer = self._bulk(zk_const.CMD_USERTEMP_RRQ, zk_const.FCT_USER, "downloading the users")
+        count = proven_count(
+            buffer,
+            before=sizes.users,
+            read_after=lambda: self.read_sizes().users,
+            sizes=USER_SIZES,
+            what="users",
+        )
+        return decode_users(buffer, count, encoding=self.encoding)
+
+    def read_pin_width(self) -> int:
+        """How many characters a user id (PIN) may have on this device."""
+        zk = self._connected()
+        with self._errors("reading the PIN width"):
+            return int(zk.get_pin_width())
+
+    @property
+    def user_record_size(self) -> int:
+        """72 (ZK8, TCP: user ids are text) or 28 (ZK6, UDP: user ids are numbers,
+        names at most 8 bytes): the layout the device takes users in."""
+        return self._connected().user_packet_size
+
+    def write_user(self, user: DeviceUser) -> None:
+        """Adds the user, or replaces the one with the same uid (CMD_USER_WRQ).
+
+        The caller checks the fields fit the record (core.device_users): pyzk
+        drops what does not encode and cuts what is too long, silently.
+        """
+        zk = self._connected()
+        with self._errors(f"writing user {user.user_id}"):
+            zk.set_user(
+                uid=user.uid,
+                name=user.name,
+                privilege=user.privilege,
+                password=user.password,
+                group_id=user.group_id,
+                user_id=user.user_id,
+                card=user.card,
+            )
+
+    def delete_user(self, uid: int) -> None:
+        """Deletes the user with this device-internal uid, with its fingerprints."""
+        zk = self._connected()
+        with self._errors(f"deleting the user with uid {uid}"):
+            zk.delete_user(uid=uid)
+
     def read_log(self) -> DeviceLog:
         """Reads the user list and the whole attendance log, the way clocks are
         meant to be read: disabled for the read, enabled again whatever happens.

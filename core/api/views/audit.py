@@ -7,21 +7,16 @@ from django import forms
 from django.contrib.contenttypes.models import ContentType
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
-from rest_framework import serializers
-from rest_framework.generics import ListAPIView
-from rest_framework.permissions import BasePermission, IsAuthenticated
+from drf_spectacular.utils import extend_schema, extend_schema_field
+from rest_framework import mixins, serializers, viewsets
 
-from core.api.reports import BoundedPagination
+from core.api.views.common import LIST_ERRORS
 
 ACTIONS = {label: code for code, label in LogEntry.Action.choices}
 
 
-class CanViewAuditLog(BasePermission):
-    """auditlog.view_logentry: the one permission the audit log needs."""
-
-    def has_permission(self, request, view):
-        return request.user.has_perm("auditlog.view_logentry")
+# The one permission the audit log needs, in the API and the admin.
+AUDIT_LOG_PERMS = ["auditlog.view_logentry"]
 
 
 class ModelLabelField(forms.CharField):
@@ -140,11 +135,10 @@ class AuditLogEntrySerializer(serializers.ModelSerializer):
         return entry.changes_dict
 
 
-class AuditLogView(ListAPIView):
+class AuditLogViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """Every change a person made, newest first. Needs auditlog.view_logentry."""
 
-    permission_classes = [IsAuthenticated, CanViewAuditLog]
-    pagination_class = BoundedPagination
+    action_permissions = {"list": AUDIT_LOG_PERMS}
     serializer_class = AuditLogEntrySerializer
     filter_backends = [filters.DjangoFilterBackend]
     filterset_class = AuditLogFilter
@@ -154,11 +148,7 @@ class AuditLogView(ListAPIView):
 
     @extend_schema(
         operation_id="audit_log_list",
-        responses={
-            200: AuditLogEntrySerializer(many=True),
-            400: OpenApiResponse(description="A filter value is invalid; the body names it."),
-            403: OpenApiResponse(description="Not logged in, or no auditlog.view_logentry."),
-        },
+        responses={200: AuditLogEntrySerializer(many=True), **LIST_ERRORS},
     )
-    def get(self, request, *args, **kwargs):
-        return super().get(request, *args, **kwargs)
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)

@@ -1,28 +1,15 @@
-"""GET /api/reports/timesheet/: the timesheet (core.reports) as JSON, paginated."""
+"""GET /api/reports/timesheet/: the timesheet (core.reports) as JSON, paginated,
+or with ?format=csv every row of the period as a streamed CSV download."""
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import serializers
-from rest_framework.generics import ListAPIView
-from rest_framework.pagination import LimitOffsetPagination
-from rest_framework.permissions import BasePermission, IsAuthenticated
-from rest_framework.response import Response
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, serializers, viewsets
+from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 
-from core.reports import timesheet_build
+from core.api.csv import CSVRenderer, csv_response
+from core.api.views.common import LIST_ERRORS
+from core.reports import TIMESHEET_COLUMNS, timesheet_build
 
-
-class BoundedPagination(LimitOffsetPagination):
-    """?limit= and ?offset=, with a limit no larger than max_limit: a larger one
-    is served as max_limit rather than passed to the database, where a number
-    past its integer range would fail the request."""
-
-    max_limit = 1000
-
-
-class CanViewTimesheet(BasePermission):
-    """core.view_timesheet: the permission of the timesheet, in the API and the admin."""
-
-    def has_permission(self, request, view):
-        return request.user.has_perm("core.view_timesheet")
+TIMESHEET_PERMS = ["core.view_timesheet"]
 
 
 class TimesheetQuerySerializer(serializers.Serializer):
@@ -57,31 +44,26 @@ class TimesheetRowSerializer(serializers.Serializer):
     manual_days = serializers.IntegerField(help_text="Days corrected by HR.")
 
 
-class TimesheetView(ListAPIView):
+class TimesheetViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """Per employee over a period: days worked, worked time, late clock-ins,
     early clock-outs, missing clock-outs, outlier and manual days.
 
     Needs core.view_timesheet.
     """
 
-    permission_classes = [IsAuthenticated, CanViewTimesheet]
-    pagination_class = BoundedPagination
+    action_permissions = {"list": TIMESHEET_PERMS}
     serializer_class = TimesheetRowSerializer
+    renderer_classes = [JSONRenderer, BrowsableAPIRenderer, CSVRenderer]
     # The parameters are parsed by TimesheetQuerySerializer, not a filter backend.
     filter_backends = []
-    # ?format=csv: add the CSV renderer to renderer_classes; see list().
 
-    def list(self, request, *args, **kwargs):
-        if getattr(request.accepted_renderer, "format", None) == "csv":
-            # Every row of the period, not a page: an iterable of flat dicts
-            # with the JSON's keys, read in chunks as the renderer consumes it.
-            return Response(self.get_queryset())
-        return super().list(request, *args, **kwargs)
-
-    def get_queryset(self):
+    def _params(self) -> dict:
         query = TimesheetQuerySerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
-        params = query.validated_data
+        return query.validated_data
+
+    def get_queryset(self):
+        params = self._params()
         user_id = params.get("user_id")
         return timesheet_build(
             start_date=params["start_date"],
@@ -91,15 +73,27 @@ class TimesheetView(ListAPIView):
 
     @extend_schema(
         operation_id="reports_timesheet",
-        parameters=[TimesheetQuerySerializer],
-        responses={
-            200: TimesheetRowSerializer(many=True),
-            400: OpenApiResponse(
-                description="A parameter is missing or invalid; the body names it, e.g. "
-                '{"start_date": ["This field is required."]}.'
+        parameters=[
+            TimesheetQuerySerializer,
+            OpenApiParameter(
+                "format",
+                str,
+                enum=["json", "csv"],
+                description="csv: every employee of the period (not a page) as a streamed "
+                "CSV download, with a header row and the JSON's field names as columns.",
             ),
-            403: OpenApiResponse(description="Not logged in, or no core.view_timesheet."),
-        },
+        ],
+        responses={200: TimesheetRowSerializer(many=True), **LIST_ERRORS},
     )
-    def get(self, request, *args, **kwargs):
-        return super().get(request, *args, **kwargs)
+    def list(self, request, *args, **kwargs):
+        if request.accepted_renderer.format == CSVRenderer.format:
+            # Every row of the period, not a page: TimesheetRows reads them in
+            # chunks as the response is streamed.
+            rows = self.get_queryset()
+            params = self._params()
+            return csv_response(
+                columns=TIMESHEET_COLUMNS,
+                rows=rows,
+                filename=f"timesheet_{params['start_date']}_{params['end_date']}",
+            )
+        return super().list(request, *args, **kwargs)

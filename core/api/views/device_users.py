@@ -1,0 +1,139 @@
+"""/api/devices/{id}/users/: the users on a clock, read and written live."""
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status, viewsets
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.response import Response
+
+from core import device_users
+from core.api.serializers import (
+    DeviceUserImportSerializer,
+    DeviceUserInputSerializer,
+    DeviceUserSerializer,
+    ImportResultSerializer,
+)
+from core.api.views.common import DETAIL_ERRORS, DEVICE_ERRORS, WRITE_ERRORS
+from core.audit import audit_record, device_user_entry
+from core.models import Device
+
+PERMS = ["core.view_device", "core.manage_device_users"]
+NEEDS = "Talks to the clock: needs core.view_device and core.manage_device_users."
+DEVICE_ID = OpenApiParameter("device_pk", int, OpenApiParameter.PATH, description="Device id.")
+
+
+class DeviceUserViewSet(viewsets.GenericViewSet):
+    action_permissions = {
+        name: PERMS for name in ("list", "create", "destroy", "import_users", "metadata")
+    }
+    serializer_class = DeviceUserSerializer
+    lookup_field = "user_id"
+    lookup_value_regex = "[^/]+"
+    filter_backends = []
+
+    def get_queryset(self):
+        # The users live on the clock, not in a table; the browsable API asks anyway.
+        return Device.objects.none()
+
+    def _device(self) -> Device:
+        return get_object_or_404(Device, pk=self.kwargs["device_pk"])
+
+    @extend_schema(
+        summary="The users on the device, read live",
+        description=NEEDS,
+        parameters=[DEVICE_ID],
+        responses={200: DeviceUserSerializer(many=True), **DETAIL_ERRORS, **DEVICE_ERRORS},
+    )
+    def list(self, request, device_pk=None):
+        users = device_users.device_users_list(device=self._device())
+        page = self.paginate_queryset(users)
+        return self.get_paginated_response(DeviceUserSerializer(page, many=True).data)
+
+    @extend_schema(
+        summary="Add a user to the device, or update the one with this user_id",
+        description=NEEDS + " 201 when added, 200 when updated.",
+        parameters=[DEVICE_ID],
+        request=DeviceUserInputSerializer,
+        responses={
+            200: DeviceUserSerializer,
+            201: DeviceUserSerializer,
+            **WRITE_ERRORS,
+            **DEVICE_ERRORS,
+        },
+    )
+    def create(self, request, device_pk=None):
+        device = self._device()
+        given = DeviceUserInputSerializer(data=request.data)
+        given.is_valid(raise_exception=True)
+        record, replaced = device_users.device_user_save(device=device, user=given.to_input())
+        _audit(
+            request,
+            "device_user_add",
+            device,
+            [device_user_entry(device=device, before=replaced, after=record)],
+        )
+        return Response(
+            DeviceUserSerializer(record).data,
+            status=status.HTTP_201_CREATED if replaced is None else status.HTTP_200_OK,
+        )
+
+    @extend_schema(
+        summary="Delete a user from the device",
+        description=NEEDS + " The employee and their punches stay.",
+        parameters=[
+            DEVICE_ID,
+            OpenApiParameter("user_id", str, OpenApiParameter.PATH, description="The user id."),
+        ],
+        responses={204: None, **DETAIL_ERRORS, **DEVICE_ERRORS},
+    )
+    def destroy(self, request, device_pk=None, user_id=None):
+        device = self._device()
+        removed = device_users.device_user_delete(device=device, user_id=user_id)
+        if removed is None:
+            raise NotFound(f"No user with user id {user_id!r} on device {device.name!r}.")
+        _audit(
+            request,
+            "device_user_remove",
+            device,
+            [device_user_entry(device=device, before=removed, after=None)],
+        )
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(
+        summary="Add or update many users, from a list or a URL",
+        description=NEEDS
+        + " Every user is checked against the device first; one that does not fit stops "
+        "the import before anything is written (400, keyed by position in the list).",
+        parameters=[DEVICE_ID],
+        request=DeviceUserImportSerializer,
+        responses={200: ImportResultSerializer, **WRITE_ERRORS, **DEVICE_ERRORS},
+    )
+    def import_users(self, request, device_pk=None):
+        device = self._device()
+        given = DeviceUserImportSerializer(data=request.data)
+        given.is_valid(raise_exception=True)
+        source = given.validated_data.get("url")
+        if source is not None:
+            try:
+                users = device_users.import_source_fetch(url=source)
+            except device_users.ImportSourceError as exc:
+                raise ValidationError({"url": str(exc)}) from None
+        else:
+            users = [device_users.UserInput(**item) for item in given.validated_data["users"]]
+        try:
+            result = device_users.device_users_import(device=device, users=users)
+        except device_users.DeviceUserInvalid as exc:
+            raise ValidationError({"users": exc.errors}) from None
+        details = {} if source is None else {"source": source}
+        entries = [
+            device_user_entry(device=device, before=before, after=after, **details)
+            for after, before in result.written
+        ]
+        _audit(request, "device_user_add", device, entries)
+        return Response(ImportResultSerializer(result).data)
+
+
+def _audit(request, action: str, device: Device, entries: list) -> None:
+    """Records users written to or deleted from a clock (core.audit), after the
+    clock took them; a user saved as it was records nothing."""
+    audit_record(actor=request.user, action=action, model=Device, entries=[e for e in entries if e])
