@@ -224,6 +224,11 @@ else:
                 # Web, worker and beat share the file: a writer waits this long
                 # for another's lock before it fails with "database is locked".
                 "timeout": envint("SQLITE_BUSY_TIMEOUT_SECONDS", 20, minimum=1),
+                # A transaction takes the write lock when it begins, so it waits
+                # for that timeout too: a read that turns into a write mid-way
+                # would otherwise fail at once ("database is locked") whenever
+                # another process writes, since SQLite cannot wait there safely.
+                "transaction_mode": "IMMEDIATE",
             },
         }
     }

@@ -25,6 +25,7 @@ import datetime
 import hashlib
 import ipaddress
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -278,6 +279,9 @@ def _small_int(text: str, what: str) -> int:
     return number
 
 
+_ISO_SHAPE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\Z", re.ASCII).match
+
+
 def parse_attlog_line(raw: bytes) -> Punch:
     """One ATTLOG line: PIN, local time, status, verify, work code and any
     further fields, tab-separated (spaces tolerated). Raises ValueError saying
@@ -305,7 +309,12 @@ def parse_attlog_line(raw: bytes) -> Punch:
     if not moment:
         raise ValueError("no time")
     try:
-        timestamp = datetime.datetime.strptime(moment, "%Y-%m-%d %H:%M:%S")
+        if _ISO_SHAPE(moment):
+            # fromisoformat is several times faster than strptime, and on
+            # this exact shape reads the same: 150 lines per upload add up.
+            timestamp = datetime.datetime.fromisoformat(moment)
+        else:
+            timestamp = datetime.datetime.strptime(moment, "%Y-%m-%d %H:%M:%S")
     except ValueError:
         raise ValueError(f"time {moment[:40]!r} is not YYYY-MM-DD HH:MM:SS") from None
     if not 1900 <= timestamp.year <= 2199:

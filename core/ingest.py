@@ -242,6 +242,17 @@ _PG_UPSERT = f"""
     FROM written
 """
 
+# Batches up to this size go as arrays in one statement: a temporary table
+# (create, COPY, drop) costs more than the rows themselves for a pushing
+# clock's 150-record upload. DISTINCT ON takes out a record the firmware
+# logged twice in one batch, which ON CONFLICT DO UPDATE could not take.
+ARRAY_BATCH = 1000
+_PG_ARRAYS = """(SELECT DISTINCT ON (user_id, ts) * FROM unnest(
+        %s::varchar[], %s::timestamptz[], %s::int2[], %s::int2[], %s::int2[], %s::bool[],
+        %s::varchar[]
+    ) AS incoming (user_id, ts, status, punch_state, verify_type, is_suspect, suspect_reason))
+    AS incoming"""
+
 _SQLITE_UPSERT = f"""
     INSERT INTO {_TABLE} {_INSERT_COLUMNS}
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
@@ -265,11 +276,17 @@ def punches_store(
     (and no operator set it), with revised_at = received_at. Storing the same
     rows again changes nothing.
 
-    Set-based: on PostgreSQL the rows are streamed with binary COPY into a
-    temporary table and written with one INSERT ... ON CONFLICT DO UPDATE;
-    elsewhere one executemany per INSERT_BATCH rows.
+    Set-based: on PostgreSQL the rows are written with one INSERT ... ON
+    CONFLICT DO UPDATE, from arrays for up to ARRAY_BATCH rows (an upload of a
+    pushing clock), otherwise streamed with binary COPY into a temporary table
+    first; elsewhere one executemany per INSERT_BATCH rows.
     """
     with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql" and len(rows) <= ARRAY_BATCH:
+            columns = [list(column) for column in zip(*rows, strict=True)] or [[]] * 7
+            cursor.execute(_PG_UPSERT.format(source=_PG_ARRAYS), [device.pk, received_at, *columns])
+            new, revised = cursor.fetchone()
+            return StoreCounts(new=new, revised=revised)
         if connection.vendor == "postgresql":
             cursor.execute(f"CREATE TEMPORARY TABLE incoming_punches ({_COLUMNS}) ON COMMIT DROP")
             with cursor.copy("COPY incoming_punches FROM STDIN (FORMAT BINARY)") as copy:

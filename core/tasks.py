@@ -73,7 +73,6 @@ def poll_device(device_id: int, force_full: bool = False) -> dict | None:
     )
     if result is None:
         return None
-    logger.info("Poll: %s", result.summary())
     if result.ok and (result.new or result.revised):
         _follow_up(process_attendance, pipeline.PROCESS)
         if settings.CRM_PUNCHES_URL and result.new:

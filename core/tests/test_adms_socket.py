@@ -201,6 +201,12 @@ def approved():
 
 
 def test_a_clock_whose_acknowledgements_are_lost_sends_again_and_nothing_doubles(clock, approved):
+    from django.db import connection
+
+    if connection.vendor == "sqlite" and connection.is_in_memory_db():
+        # The hung-up uploads are still being stored while the next arrives, and
+        # Django gives all the live server's threads one in-memory connection.
+        pytest.skip("needs PostgreSQL or a SQLite file, not the in-memory test database")
     path = f"/iclock/cdata?SN={SN}&table=ATTLOG&Stamp={BATCH_STAMP}"
     clock.send_and_hang_up(path, BATCH)
     clock.send_and_hang_up(path, BATCH)

@@ -80,3 +80,56 @@ def test_embedded_defaults_need_no_database_or_broker_server():
 def test_a_crm_token_and_a_token_file_together_stop_start_up():
     result = load_settings(CRM_API_TOKEN="t", CRM_API_TOKEN_FILE="/run/secrets/crm")
     assert "Set CRM_API_TOKEN or CRM_API_TOKEN_FILE, not both" in result.stderr
+
+
+SQLITE_WRITER_RACE = """
+import sqlite3, threading, time
+import django
+django.setup()
+from django.db import connection, transaction
+
+with connection.cursor() as cursor:
+    cursor.execute("CREATE TABLE race (x INTEGER)")
+path = connection.settings_dict["NAME"]
+holding = threading.Event()
+
+def other_process():
+    # Another process writes and holds its lock for a moment, as a worker does.
+    other = sqlite3.connect(path, timeout=20, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO race VALUES (1)")
+    holding.set()
+    time.sleep(0.5)
+    other.execute("COMMIT")
+
+thread = threading.Thread(target=other_process)
+thread.start()
+holding.wait()
+with transaction.atomic():  # reads, then writes: the shape of a poll
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM race")
+        cursor.execute("INSERT INTO race VALUES (2)")
+thread.join()
+with connection.cursor() as cursor:
+    cursor.execute("SELECT count(*) FROM race")
+    print("rows", cursor.fetchone()[0])
+"""
+
+
+def test_a_sqlite_transaction_that_reads_then_writes_waits_for_another_writer(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", SQLITE_WRITER_RACE],
+        cwd=PROJECT,
+        env={
+            "SECRET_KEY": "x",
+            "PATH": "/usr/bin:/bin",
+            "DJANGO_SETTINGS_MODULE": "attendance_bridge.settings",
+            "DATABASE_URL": "",
+            "VAR_DIR": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rows 2" in result.stdout

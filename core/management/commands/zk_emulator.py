@@ -4,7 +4,7 @@ from datetime import datetime, timedelta
 
 from django.core.management.base import BaseCommand, CommandError
 
-from core.zk.emulator import DeviceState, ZKEmulator
+from core.zk.emulator import DeviceState, PushClock, ZKEmulator, parse_down_windows
 
 GENERATE_DEFAULTS = {"users": 50, "punches": 5000, "days": 30, "seed": 1}
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost"}
@@ -41,7 +41,8 @@ def build_state(*, data: str | None, clock_offset: float, **generate) -> DeviceS
 class Command(BaseCommand):
     help = (
         "Runs a fake ZKTeco clock that speaks the binary protocol (TCP and UDP on one "
-        "port) until Ctrl-C. See docs/emulator.md."
+        "port) until Ctrl-C; with --push, a clock that pushes the same data over HTTP to "
+        "a server's /iclock/ instead. See docs/emulator.md."
     )
 
     def add_arguments(self, parser):
@@ -127,7 +128,43 @@ class Command(BaseCommand):
             help="With --punch-during-read: the clock records punches even while disabled.",
         )
 
+        push = parser.add_argument_group(
+            "push mode (ZKTeco PUSH / ADMS, see docs/push.md)",
+            "The clock pushes its data to a server's /iclock/ instead of listening.",
+        )
+        push.add_argument(
+            "--push",
+            metavar="URL",
+            help="Push to this server root, e.g. http://127.0.0.1:8000 (no listening port).",
+        )
+        push.add_argument("--serial", help="Serial number to push as (default: the data's).")
+        push.add_argument(
+            "--push-drop-rate",
+            type=float,
+            default=0.0,
+            metavar="P",
+            help="Fault: with probability P the connection dies after an upload is sent, "
+            "before the answer is read (the batch comes again).",
+        )
+        push.add_argument(
+            "--push-down",
+            default="",
+            metavar="START:END[,...]",
+            help="Fault: seconds after start in which the clock reaches nobody, e.g. 30:60.",
+        )
+
     def handle(self, *args, **options):
+        push_only = [
+            flag
+            for flag, given in (
+                ("--serial", options["serial"]),
+                ("--push-drop-rate", options["push_drop_rate"]),
+                ("--push-down", options["push_down"]),
+            )
+            if given
+        ]
+        if push_only and not options["push"]:
+            raise CommandError(f"{', '.join(push_only)} only apply with --push URL.")
         state = build_state(
             data=options["data"],
             clock_offset=options["clock_offset"],
@@ -138,6 +175,9 @@ class Command(BaseCommand):
                 state.to_json(options["save"])
             except OSError as exc:
                 raise CommandError(f"Cannot write --save {options['save']}: {exc}.") from exc
+        if options["push"]:
+            self._push(state, options)
+            return
         try:
             emulator = ZKEmulator(
                 state,
@@ -171,6 +211,62 @@ class Command(BaseCommand):
             logger.removeHandler(_log_handler)
             logger.setLevel(saved_level)
             logger.propagate = saved_propagate
+
+    def _push(self, state: DeviceState, options: dict) -> None:
+        try:
+            down = parse_down_windows(options["push_down"])
+        except ValueError as exc:
+            raise CommandError(f"--push-down: {exc}.") from exc
+        try:
+            clock = PushClock(
+                state,
+                options["push"],
+                serial=options["serial"],
+                live_interval=options["live_interval"],
+                clock_offset=options["clock_offset"],
+                drop_rate=options["push_drop_rate"],
+                down=down,
+            )
+        except ValueError as exc:
+            raise CommandError(f"Bad push option: {exc}.") from exc
+        logger = logging.getLogger("core.zk.emulator")
+        saved_level, saved_propagate = logger.level, logger.propagate
+        logger.setLevel(LOG_LEVELS.get(options["verbosity"], logging.DEBUG))
+        logger.addHandler(_log_handler)
+        logger.propagate = False
+        write = self.stdout.write
+        write(f"ZK emulator pushing to {options['push']}/iclock/ as serial {clock.serial}")
+        write(
+            f"  {len(state.users)} users, {len(state.attendance)} attendance records to upload "
+            "from the server's stamp"
+        )
+        if options["live_interval"]:
+            write(f"  someone punches every {options['live_interval']} s, uploaded at once")
+        faults = [
+            f"{clock.drop_rate:g} of uploads lose their answer" if clock.drop_rate else "",
+            "down " + ", ".join(f"{a:g}-{b:g} s" for a, b in down) if down else "",
+        ]
+        if any(faults):
+            write(f"  faults: {'; '.join(f for f in faults if f)}")
+        if clock.host not in LOOPBACK_HOSTS | {"::1"}:
+            write(self.style.WARNING(f"  {clock.host} is not this computer."))
+        write("Ctrl-C to stop.")
+        self.stdout.flush()
+        clock.start()
+        try:
+            clock.run_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            clock.stop()
+            logger.removeHandler(_log_handler)
+            logger.setLevel(saved_level)
+            logger.propagate = saved_propagate
+        stats = clock.stats
+        write(
+            f"Push clock stopped: {stats.requests} requests, {stats.punches_acknowledged} "
+            f"punches acknowledged, {stats.dropped} answers dropped, {stats.failures} failures."
+        )
 
     def _serve(self, emulator: ZKEmulator, options: dict) -> None:
         try:
