@@ -688,12 +688,18 @@ def device_record_results(*, device: Device, body: bytes) -> int:
     return code is 0 or more, failed otherwise; an INFO result's options go on
     the device. Returns how many commands were booked.
 
+    A user command the clock carried out (DATA UPDATE / DELETE USERINFO,
+    return code 0 or more) is applied to the bridge's copy of its users: the
+    employee is created or updated and linked to the device, or unlinked
+    from it (the employee and their punches stay).
+
     Idempotent per (device, command id): a result is booked only on a command
     without one, so the same results posted again change nothing.
     Raises AdmsError (403) for a device not approved.
     """
     _require_approved(device)
     booked = 0
+    done: list[int] = []
     now = timezone.now()
     with transaction.atomic():
         for result in parse_results(body):
@@ -711,7 +717,49 @@ def device_record_results(*, device: Device, body: bytes) -> int:
             booked += updated
             if updated and result.verb.upper() == "INFO" and code is not None and code >= 0:
                 _store_options(device, _options_line(result.content))
+            elif updated and state == DeviceCommand.State.DONE:
+                done.append(int(result.command_id))
+        if done:
+            _apply_user_commands(device, done)
     return booked
+
+
+def _apply_user_commands(device: Device, command_ids: list[int]) -> None:
+    """The bridge's copy of the clock's users after user commands it carried out."""
+    # In the order they were queued: the later of two commands on one user wins.
+    commands = (
+        DeviceCommand.objects.filter(pk__in=command_ids, command__startswith="DATA ")
+        .order_by("pk")
+        .values_list("command", flat=True)
+    )
+    written: dict[str, DeviceUser] = {}
+    deleted: set[str] = set()
+    for command in commands:
+        head, _, rest = command.partition("USERINFO ")
+        fields = _user_fields(rest)
+        pin = fields.get("PIN", "")
+        if not pin:
+            continue
+        if head == "DATA UPDATE ":
+            written[pin] = DeviceUser(
+                uid=0,
+                user_id=pin,
+                name=fields.get("Name", ""),
+                privilege=int(fields["Pri"]) if fields.get("Pri", "").isdigit() else 0,
+                password="",
+                card=_card(fields.get("Card", "")),
+                group_id="",
+            )
+            deleted.discard(pin)
+        elif head == "DATA DELETE ":
+            deleted.add(pin)
+            written.pop(pin, None)
+    if written:
+        employees_store(device=device, users=written.values())
+    if deleted:
+        Employee.devices.through.objects.filter(
+            device=device, employee__user_id__in=deleted
+        ).delete()
 
 
 # --- Queueing commands -----------------------------------------------------------------
@@ -729,7 +777,9 @@ def _clean_value(value: str, what: str) -> str:
     return value
 
 
-def _user_command(*, user_id: str, name: str, privilege: int, card: int, password: str) -> str:
+def _user_command(
+    *, user_id: str, name: str, privilege: int, card: int, password: str, group: str = ""
+) -> str:
     user_id = _clean_value(user_id, "user ID")
     if not user_id or len(user_id) > USER_ID_MAX:
         raise CommandRefused(f"A user ID of 1 to {USER_ID_MAX} characters is needed.")
@@ -739,7 +789,8 @@ def _user_command(*, user_id: str, name: str, privilege: int, card: int, passwor
         "Pri": str(int(privilege)),
         "Passwd": _clean_value(password, "password"),
         "Card": str(int(card)) if card else "",
-        "Grp": "1",
+        # The clock's default group unless one is given.
+        "Grp": _clean_value(group, "group") or "1",
         "TZ": "0000000000000000",
         "Verify": "0",
         "ViceCard": "",
@@ -757,12 +808,13 @@ def command_text(
     privilege: int = 0,
     card: int = 0,
     password: str = "",
+    group: str = "",
 ) -> str:
     """The command line for one kind of command. `start`/`end` are the clock's
     local times. Raises CommandRefused for a kind not offered or bad values.
 
     Kinds: info, check, reboot, reupload (start, end), user_update (user_id,
-    name, privilege, card, password), user_delete (user_id). Nothing that
+    name, privilege, card, password, group), user_delete (user_id). Nothing that
     clears a clock's log or data is offered.
     """
     if kind == "info":
@@ -777,7 +829,12 @@ def command_text(
         return f"DATA QUERY ATTLOG StartTime={start:%Y-%m-%d %H:%M:%S}\tEndTime={end:%Y-%m-%d %H:%M:%S}"
     if kind == "user_update":
         return _user_command(
-            user_id=user_id, name=name, privilege=privilege, card=card, password=password
+            user_id=user_id,
+            name=name,
+            privilege=privilege,
+            card=card,
+            password=password,
+            group=group,
         )
     if kind == "user_delete":
         user_id = _clean_value(user_id, "user ID")

@@ -13,6 +13,13 @@ user again rewrites the same slot (uid), and deleting a user that is gone
 reports that it was not there. Users written are upserted into Employee too
 (core.ingest.employees_store), as a poll would.
 
+A device without an IP address is a clock that pushes (core.adms): it cannot
+be reached, so the same functions queue commands for it instead (DATA UPDATE
+USERINFO, DATA DELETE USERINFO), handed over at its next poll, and return
+PushQueued; its users are read from the bridge's copy (the employees linked
+to it, kept by its OPERLOG uploads). They raise ClockNotReady when the clock
+has never called or is not approved, and DeviceUserInvalid as above.
+
 The import source (import_source_fetch) is fetched only over http(s) from a
 host in USER_IMPORT_ALLOWED_HOSTS, with a timeout and a size limit.
 """
@@ -27,9 +34,11 @@ from dataclasses import dataclass, field, replace
 
 import requests
 from django.conf import settings
+from django.db import transaction
 
+from core import adms
 from core.ingest import client_for, employees_store
-from core.models import Device
+from core.models import Device, DeviceCommand, Employee
 from core.zk.client import DeviceClient, DeviceUser
 
 # Privilege values clocks take: a user, or an administrator of the clock's menu.
@@ -51,6 +60,11 @@ class DeviceUserInvalid(ValueError):
     def __init__(self, errors: dict):
         self.errors = errors
         super().__init__(json.dumps(errors))
+
+
+class ClockNotReady(Exception):
+    """A pushing clock that cannot take commands yet: it has never called the
+    bridge, or it is waiting for approval. The message says what to do."""
 
 
 class ImportSourceError(ValueError):
@@ -77,6 +91,24 @@ class ImportResult:
     unchanged: int = 0
     # Each user written, with the record it replaced (None when added): what
     # the audit log records. Users left as they were are not listed.
+    written: list[tuple[DeviceUser, DeviceUser | None]] = field(default_factory=list)
+
+
+@dataclass
+class DeviceUsers:
+    """The users of a clock: read live from it, or (`live` False, a pushing
+    clock) the bridge's copy, where uid, password and group are not known."""
+
+    users: list[DeviceUser]
+    live: bool
+
+
+@dataclass
+class PushQueued:
+    """Commands queued for a pushing clock, in the order given; each user's
+    record with the bridge's copy of it before (None when unknown)."""
+
+    commands: list[DeviceCommand] = field(default_factory=list)
     written: list[tuple[DeviceUser, DeviceUser | None]] = field(default_factory=list)
 
 
@@ -191,20 +223,31 @@ def _same(a: DeviceUser, b: DeviceUser | None) -> bool:
 # --- Stage functions -------------------------------------------------------------------
 
 
-def device_users_list(*, device: Device) -> list[DeviceUser]:
-    """The users on the device, read live. Reads only. Raises DeviceError."""
+def device_users_list(*, device: Device) -> DeviceUsers:
+    """The users on the device, read live; for a pushing clock, the bridge's
+    copy (live False). Reads only. Raises DeviceError."""
+    if _pushing(device):
+        return DeviceUsers(users=list(_bridge_copy(device).values()), live=False)
     with client_for(device) as client:
-        return client.read_users()
+        return DeviceUsers(users=client.read_users(), live=True)
 
 
-def device_user_save(*, device: Device, user: UserInput) -> tuple[DeviceUser, DeviceUser | None]:
+def device_user_save(
+    *, device: Device, user: UserInput, created_by: str = ""
+) -> tuple[DeviceUser, DeviceUser | None] | PushQueued:
     """Adds the user to the device, or updates the one with the same user id.
 
     Returns the record as written and the record it replaced (None when the
     user was new; equal to the first when nothing needed writing). Idempotent:
     the same user saved again keeps its uid and is not written again.
     Raises DeviceUserInvalid (nothing written) or DeviceError.
+
+    A pushing clock gets a DATA UPDATE USERINFO command queued instead
+    (PushQueued); not idempotent by design: each call queues one more command,
+    which the clock applies to the same end. Raises ClockNotReady.
     """
+    if _pushing(device):
+        return _push_queue(device, [user], index=False, created_by=created_by)
     with client_for(device) as client:
         ((record, current),) = _plan(
             [user], on_device=client.read_users(), client=client, index=False
@@ -215,13 +258,32 @@ def device_user_save(*, device: Device, user: UserInput) -> tuple[DeviceUser, De
     return record, current
 
 
-def device_user_delete(*, device: Device, user_id: str) -> DeviceUser | None:
+def device_user_delete(
+    *, device: Device, user_id: str, created_by: str = ""
+) -> DeviceUser | None | PushQueued:
     """Deletes the user with this user id from the device; returns the record
     deleted, or None when no user has that user id.
 
     Idempotent: a second delete finds no user and writes nothing. The
     employee and their punches stay: they are history. Raises DeviceError.
+
+    A pushing clock gets a DATA DELETE USERINFO command queued instead
+    (PushQueued, with the bridge's copy of the user when it has one): the
+    bridge cannot see whether the clock holds the user, and deleting one that
+    is not there changes nothing on the clock. Raises ClockNotReady, or
+    DeviceUserInvalid when the user id cannot be sent.
     """
+    if _pushing(device):
+        _require_ready(device)
+        try:
+            command = adms.command_text("user_delete", user_id=user_id)
+        except adms.CommandRefused as exc:
+            raise DeviceUserInvalid({"user_id": str(exc)}) from None
+        before = _bridge_copy(device, [user_id]).get(user_id) or DeviceUser(
+            uid=0, user_id=user_id, name="", privilege=0, password="", card=0, group_id=""
+        )
+        queued = DeviceCommand.objects.create(device=device, command=command, created_by=created_by)
+        return PushQueued(commands=[queued], written=[(None, before)])
     with client_for(device) as client:
         match = next((u for u in client.read_users() if u.user_id == user_id), None)
         if match is None:
@@ -230,7 +292,9 @@ def device_user_delete(*, device: Device, user_id: str) -> DeviceUser | None:
     return match
 
 
-def device_users_import(*, device: Device, users: Sequence[UserInput]) -> ImportResult:
+def device_users_import(
+    *, device: Device, users: Sequence[UserInput], created_by: str = ""
+) -> ImportResult | PushQueued:
     """Adds or updates many users on the device over one connection.
 
     Every user is checked first; one that does not fit stops the import
@@ -238,7 +302,13 @@ def device_users_import(*, device: Device, users: Sequence[UserInput]) -> Import
     list). Idempotent: users already on the device as given are not written
     again. Raises DeviceError when the device fails; users written before the
     failure stay written, and importing the list again completes it.
+
+    A pushing clock gets one DATA UPDATE USERINFO command per user, queued
+    together in one transaction after every user was checked (PushQueued);
+    not idempotent by design (see device_user_save). Raises ClockNotReady.
     """
+    if _pushing(device):
+        return _push_queue(device, users, index=True, created_by=created_by)
     result = ImportResult()
     with client_for(device) as client:
         plan = _plan(users, on_device=client.read_users(), client=client, index=True)
@@ -254,6 +324,124 @@ def device_users_import(*, device: Device, users: Sequence[UserInput]) -> Import
                 result.updated += 1
     employees_store(device=device, users=[record for record, _ in plan])
     return result
+
+
+# --- Pushing clocks ----------------------------------------------------------------
+
+
+def _pushing(device: Device) -> bool:
+    # A device with an address is polled, even when its clock pushes too.
+    return not device.ip_address
+
+
+def _require_ready(device: Device) -> None:
+    if not device.pushes:
+        raise ClockNotReady(
+            f"{device.name} has no IP address and has never called this server (Cloud "
+            "server): set its IP address to reach it over the network, or set the clock "
+            "to push to the bridge; commands wait for its first call."
+        )
+    if not device.enabled:
+        raise ClockNotReady(
+            f"{device.name} is waiting for approval: enable it in the admin before sending "
+            "it users."
+        )
+
+
+def _bridge_copy(device: Device, user_ids: Sequence[str] | None = None) -> dict[str, DeviceUser]:
+    """The employees linked to the device (core.adms keeps them from its
+    OPERLOG uploads) as device users, by user id; uid, password and group
+    are not known there."""
+    rows = Employee.objects.filter(devices=device).order_by("user_id")
+    if user_ids is not None:
+        rows = rows.filter(user_id__in=list(user_ids))
+    return {
+        user_id: DeviceUser(
+            uid=0,
+            user_id=user_id,
+            name=name,
+            privilege=privilege,
+            password="",
+            card=card,
+            group_id="",
+        )
+        for user_id, name, privilege, card in rows.values_list(
+            "user_id", "name", "privilege", "card"
+        )
+    }
+
+
+def push_pin_width(device: Device) -> int:
+    """The user id length a pushing clock takes: its ~PIN2Width option when
+    an INFO result reported one, else the push protocol's limit."""
+    value = str(device.push_options.get("~PIN2Width", "")).strip()
+    if value.isdigit() and 1 <= int(value) <= adms.USER_ID_MAX:
+        return int(value)
+    return adms.USER_ID_MAX
+
+
+def _push_queue(
+    device: Device, users: Sequence[UserInput], *, index: bool, created_by: str
+) -> PushQueued:
+    """Checks every user as for a polled clock (the 72-byte record: names of
+    24 bytes in the device's encoding), then queues one DATA UPDATE USERINFO
+    each, all or none."""
+    _require_ready(device)
+    pin_width = push_pin_width(device)
+    known = _bridge_copy(device, [u.user_id for u in users])
+    errors: dict = {}
+    seen: set[str] = set()
+    planned = []
+    for position, user in enumerate(users):
+        problems = _problems(user, pin_width=pin_width, record_size=72, encoding=device.encoding)
+        problems.pop("group_id", None)
+        group = user.group_id
+        if group and not (group.isascii() and group.isdigit() and 1 <= int(group) <= 99):
+            problems["group_id"] = "On a pushing clock the group is a number from 1 to 99."
+        if user.uid is not None:
+            problems["uid"] = "A pushing clock keeps users by user id: leave uid out."
+        if user.user_id in seen:
+            problems["user_id"] = f"{user.user_id!r} is in the list twice."
+        seen.add(user.user_id)
+        if not problems:
+            try:
+                command = adms.command_text(
+                    "user_update",
+                    user_id=user.user_id,
+                    name=user.name,
+                    privilege=user.privilege,
+                    card=user.card,
+                    password=user.password,
+                    group=user.group_id,
+                )
+            except adms.CommandRefused as exc:
+                problems["command"] = str(exc)
+        if problems:
+            errors[str(position) if index else "user"] = problems
+            continue
+        record = DeviceUser(
+            uid=0,
+            user_id=user.user_id,
+            name=user.name,
+            privilege=user.privilege,
+            password=user.password,
+            card=user.card,
+            group_id=user.group_id,
+        )
+        planned.append((command, record, known.get(user.user_id)))
+    if errors:
+        raise DeviceUserInvalid(errors if index else errors["user"])
+    with transaction.atomic():
+        # Ids in list order: the clock takes its commands in id order.
+        commands = DeviceCommand.objects.bulk_create(
+            [
+                DeviceCommand(device=device, command=command, created_by=created_by)
+                for command, _, _ in planned
+            ]
+        )
+    return PushQueued(
+        commands=commands, written=[(record, before) for _, record, before in planned]
+    )
 
 
 # --- The import source ---------------------------------------------------------------

@@ -3,6 +3,7 @@
 - a device that did not answer in time (DeviceTimeout): 504, its message;
 - any other device failure (DeviceError): 502, its message;
 - users that do not fit a device (DeviceUserInvalid): 400, per field;
+- a pushing clock that cannot take commands yet (ClockNotReady): 409, why;
 - everything else as DRF answers it (400 for bad input, 404 for unknown ids).
 """
 
@@ -11,7 +12,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from core.device_users import DeviceUserInvalid
+from core.device_users import ClockNotReady, DeviceUserInvalid
 from core.zk.client import DeviceError, DeviceTimeout
 
 
@@ -25,6 +26,8 @@ def exception_handler(exc, context):
             {"detail": str(exc)},
             status=device_error_status(timed_out=isinstance(exc, DeviceTimeout)),
         )
+    if isinstance(exc, ClockNotReady):
+        return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     if isinstance(exc, DeviceUserInvalid):
         exc = ValidationError(exc.errors)
     return drf_exception_handler(exc, context)

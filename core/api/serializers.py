@@ -144,19 +144,63 @@ class ClockSetSerializer(serializers.Serializer):
 
 
 class DeviceUserSerializer(serializers.Serializer):
-    """A user as the device holds it; its password is never shown."""
+    """A user as the device holds it; its password is never shown. From the
+    bridge's copy of a pushing clock (context live False) uid, has_password
+    and group_id are not known: null."""
 
-    uid = serializers.IntegerField(help_text="The device's internal slot number.")
+    uid = serializers.SerializerMethodField(help_text="The device's internal slot number.")
     user_id = serializers.CharField(help_text="The user id (PIN) shown on the clock.")
     name = serializers.CharField()
     privilege = serializers.IntegerField(help_text="0 user, 14 admin.")
     has_password = serializers.SerializerMethodField()
     card = serializers.IntegerField()
-    group_id = serializers.CharField()
+    group_id = serializers.SerializerMethodField()
 
-    @extend_schema_field(serializers.BooleanField())
-    def get_has_password(self, user) -> bool:
-        return bool(user.password)
+    def _live(self) -> bool:
+        return self.context.get("live", True)
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True))
+    def get_uid(self, user) -> int | None:
+        return user.uid if self._live() else None
+
+    @extend_schema_field(serializers.BooleanField(allow_null=True))
+    def get_has_password(self, user) -> bool | None:
+        return bool(user.password) if self._live() else None
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_group_id(self, user) -> str | None:
+        return user.group_id if self._live() else None
+
+
+class DeviceUserPageSerializer(serializers.Serializer):
+    """A page of a device's users, saying where they were read."""
+
+    count = serializers.IntegerField()
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    source = serializers.ChoiceField(
+        choices=[
+            ("device", "read live from the clock"),
+            ("bridge", "the bridge's copy of a pushing clock's users, not a live read"),
+        ],
+        help_text="device: read live from the clock; bridge: a pushing clock's users as "
+        "the bridge knows them from its uploads, not a live read.",
+    )
+    results = DeviceUserSerializer(many=True)
+
+
+class CommandsQueuedSerializer(serializers.Serializer):
+    """Commands queued for a pushing clock, handed over at its next poll."""
+
+    command_ids = serializers.ListField(
+        child=serializers.IntegerField(),
+        help_text="The queued commands' ids, in the order the clock takes them; each "
+        "shows, with its state and the clock's result, under Device commands in the admin.",
+    )
+    commands = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="Each command line as the clock receives it (a password shown as ***).",
+    )
 
 
 class DeviceUserInputSerializer(serializers.Serializer):

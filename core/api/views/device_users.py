@@ -1,24 +1,44 @@
-"""/api/devices/{id}/users/: the users on a clock, read and written live."""
+"""/api/devices/{id}/users/: the users on a clock, read and written live; for
+a clock that pushes, its users as the bridge knows them and commands queued
+for it (core.device_users decides which)."""
+
+import re
 
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.response import Response
 
 from core import device_users
 from core.api.serializers import (
+    CommandsQueuedSerializer,
     DeviceUserImportSerializer,
     DeviceUserInputSerializer,
+    DeviceUserPageSerializer,
     DeviceUserSerializer,
+    ErrorSerializer,
     ImportResultSerializer,
 )
 from core.api.views.common import DETAIL_ERRORS, DEVICE_ERRORS, WRITE_ERRORS
-from core.audit import audit_record, device_user_entry
+from core.audit import AuditEntry, audit_record, device_user_entry
 from core.models import Device
 
 PERMS = ["core.view_device", "core.manage_device_users"]
-NEEDS = "Talks to the clock: needs core.view_device and core.manage_device_users."
+NEEDS = (
+    "Talks to the clock: needs core.view_device and core.manage_device_users. A clock "
+    "that pushes (no IP address) is not reached: writes queue commands for its next poll "
+    "and answer 202 with their ids."
+)
+PUSH_ANSWERS = {
+    202: CommandsQueuedSerializer,
+    409: OpenApiResponse(
+        ErrorSerializer,
+        description="A pushing clock that cannot take commands yet: it has never called "
+        "the bridge, or it is waiting for approval.",
+    ),
+}
+PASSWORD = re.compile(r"(\tPasswd=)[^\t]+")
 DEVICE_ID = OpenApiParameter("device_pk", int, OpenApiParameter.PATH, description="Device id.")
 
 
@@ -39,24 +59,31 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         return get_object_or_404(Device, pk=self.kwargs["device_pk"])
 
     @extend_schema(
-        summary="The users on the device, read live",
-        description=NEEDS,
+        summary="The users on the device: read live, or the bridge's copy for a pushing clock",
+        description=NEEDS + " `source` says which: `device` (read live) or `bridge` (the "
+        "users the bridge knows for a pushing clock from its uploads; uid, has_password "
+        "and group_id are null there).",
         parameters=[DEVICE_ID],
-        responses={200: DeviceUserSerializer(many=True), **DETAIL_ERRORS, **DEVICE_ERRORS},
+        responses={200: DeviceUserPageSerializer, **DETAIL_ERRORS, **DEVICE_ERRORS},
     )
     def list(self, request, device_pk=None):
-        users = device_users.device_users_list(device=self._device())
-        page = self.paginate_queryset(users)
-        return self.get_paginated_response(DeviceUserSerializer(page, many=True).data)
+        found = device_users.device_users_list(device=self._device())
+        page = self.paginate_queryset(found.users)
+        answer = self.get_paginated_response(
+            DeviceUserSerializer(page, many=True, context={"live": found.live}).data
+        )
+        answer.data["source"] = "device" if found.live else "bridge"
+        return answer
 
     @extend_schema(
         summary="Add a user to the device, or update the one with this user_id",
-        description=NEEDS + " 201 when added, 200 when updated.",
+        description=NEEDS + " 201 when added, 200 when updated; 202 when queued.",
         parameters=[DEVICE_ID],
         request=DeviceUserInputSerializer,
         responses={
             200: DeviceUserSerializer,
             201: DeviceUserSerializer,
+            **PUSH_ANSWERS,
             **WRITE_ERRORS,
             **DEVICE_ERRORS,
         },
@@ -65,7 +92,12 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         device = self._device()
         given = DeviceUserInputSerializer(data=request.data)
         given.is_valid(raise_exception=True)
-        record, replaced = device_users.device_user_save(device=device, user=given.to_input())
+        result = device_users.device_user_save(
+            device=device, user=given.to_input(), created_by=request.user.get_username()
+        )
+        if isinstance(result, device_users.PushQueued):
+            return _queued(request, "device_user_add", device, result)
+        record, replaced = result
         _audit(
             request,
             "device_user_add",
@@ -84,11 +116,21 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
             DEVICE_ID,
             OpenApiParameter("user_id", str, OpenApiParameter.PATH, description="The user id."),
         ],
-        responses={204: None, **DETAIL_ERRORS, **DEVICE_ERRORS},
+        responses={
+            204: None,
+            **PUSH_ANSWERS,
+            400: WRITE_ERRORS[400],
+            **DETAIL_ERRORS,
+            **DEVICE_ERRORS,
+        },
     )
     def destroy(self, request, device_pk=None, user_id=None):
         device = self._device()
-        removed = device_users.device_user_delete(device=device, user_id=user_id)
+        removed = device_users.device_user_delete(
+            device=device, user_id=user_id, created_by=request.user.get_username()
+        )
+        if isinstance(removed, device_users.PushQueued):
+            return _queued(request, "device_user_remove", device, removed)
         if removed is None:
             raise NotFound(f"No user with user id {user_id!r} on device {device.name!r}.")
         _audit(
@@ -103,10 +145,10 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         summary="Add or update many users, from a list or a URL",
         description=NEEDS
         + " Every user is checked against the device first; one that does not fit stops "
-        "the import before anything is written (400, keyed by position in the list).",
+        "the import before anything is written or queued (400, keyed by position in the list).",
         parameters=[DEVICE_ID],
         request=DeviceUserImportSerializer,
-        responses={200: ImportResultSerializer, **WRITE_ERRORS, **DEVICE_ERRORS},
+        responses={200: ImportResultSerializer, **PUSH_ANSWERS, **WRITE_ERRORS, **DEVICE_ERRORS},
     )
     def import_users(self, request, device_pk=None):
         device = self._device()
@@ -121,16 +163,42 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         else:
             users = [device_users.UserInput(**item) for item in given.validated_data["users"]]
         try:
-            result = device_users.device_users_import(device=device, users=users)
+            result = device_users.device_users_import(
+                device=device, users=users, created_by=request.user.get_username()
+            )
         except device_users.DeviceUserInvalid as exc:
             raise ValidationError({"users": exc.errors}) from None
         details = {} if source is None else {"source": source}
+        if isinstance(result, device_users.PushQueued):
+            return _queued(request, "device_user_add", device, result, **details)
         entries = [
             device_user_entry(device=device, before=before, after=after, **details)
             for after, before in result.written
         ]
         _audit(request, "device_user_add", device, entries)
         return Response(ImportResultSerializer(result).data)
+
+
+def _queued(request, action: str, device: Device, result, **details) -> Response:
+    """202 with the commands queued for a pushing clock, recorded in the audit
+    log like a write to a polled clock, with the command's id: each entry's
+    `before` is the bridge's copy of the user (None when it has none)."""
+    entries = []
+    for command, (after, before) in zip(result.commands, result.written, strict=True):
+        entry = device_user_entry(
+            device=device, before=before, after=after, command_id=command.pk, **details
+        )
+        # A command is sent even when the bridge's copy already matches it.
+        entry = entry or AuditEntry.of(device, {}, command_id=command.pk, **details)
+        # A pushing clock has no slot the bridge knows.
+        entry.changes.pop("uid", None)
+        entries.append(entry)
+    _audit(request, action, device, entries)
+    data = {
+        "command_ids": [c.pk for c in result.commands],
+        "commands": [PASSWORD.sub(r"\1***", c.command) for c in result.commands],
+    }
+    return Response(CommandsQueuedSerializer(data).data, status=status.HTTP_202_ACCEPTED)
 
 
 def _audit(request, action: str, device: Device, entries: list) -> None:
