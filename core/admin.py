@@ -115,20 +115,7 @@ class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
     search_fields = ["name", "ip_address", "serial_number"]
     actions = ["poll_now", "test_connection", "sync_clock", *PushDeviceActions.push_actions]
     readonly_fields = [
-        "serial_number",
-        "firmware",
-        "platform",
-        "device_name",
-        "user_count",
-        "user_capacity",
-        "record_count",
-        "record_capacity",
-        "clock_drift_seconds",
-        "last_poll_at",
-        "last_success_at",
-        "last_full_download_at",
-        "last_error",
-        "consecutive_failures",
+        *Device.OBSERVED_FIELDS,
         "last_record_count",
         "last_serial_number",
         "created_at",

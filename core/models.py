@@ -28,6 +28,25 @@ def default_device_timeout() -> int:
 
 
 class Device(models.Model):
+    # What polls learn about the device and write on its row; never set by a
+    # person, so read-only in the admin and the API.
+    OBSERVED_FIELDS = (
+        "serial_number",
+        "firmware",
+        "platform",
+        "device_name",
+        "user_count",
+        "user_capacity",
+        "record_count",
+        "record_capacity",
+        "clock_drift_seconds",
+        "last_poll_at",
+        "last_success_at",
+        "last_full_download_at",
+        "last_error",
+        "consecutive_failures",
+    )
+
     class Protocol(models.TextChoices):
         TCP = "tcp", "TCP"
         UDP = "udp", "UDP"
