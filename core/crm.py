@@ -55,6 +55,7 @@ import requests
 from django.conf import settings
 from django.db import connection, connections, transaction
 from django.db.models import Count, DateTimeField, F, Func, Max, Min, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from core import metrics
@@ -961,10 +962,11 @@ def _book(
         booked = rows.filter(version=F("delivery_version")).update(sync_state=state, **values)
         if booked == claimed:
             return booked, 0
-        # Changed in flight: the version sent is what the CRM holds, if it holds anything.
+        # Changed in flight: the version sent is what the CRM holds, if it holds
+        # anything. A row resent in flight no longer says which (_resend).
         moved = {"delivery_key": "", "delivery_version": None, "delivery_lease_until": None}
         if state == State.SYNCED:
-            moved["synced_version"] = F("delivery_version")
+            moved["synced_version"] = Coalesce(F("delivery_version"), F("synced_version"))
         changed = rows.update(**moved)
     return booked, changed
 
@@ -1001,7 +1003,7 @@ def _book_in_one_statement(
         assignments.append("synced_version = delivery_version")
     released = ["delivery_key = ''", "delivery_version = NULL", "delivery_lease_until = NULL"]
     if state == State.SYNCED:
-        released.append("synced_version = delivery_version")
+        released.append("synced_version = COALESCE(delivery_version, synced_version)")
     log_sql, log_params = "", []
     if log is not None:
         fields = [field for field in DeliveryLog._meta.concrete_fields if not field.primary_key]
@@ -1827,11 +1829,16 @@ def _reset_failed(rows) -> int:
 
 
 def _resend(rows) -> int:
+    # A row in flight keeps its claim but loses the version it carries
+    # (delivery_version): its batch's booking then releases it instead of
+    # booking the answer to the request made before the Resend, and it goes
+    # again under a new key. A row not in flight has none to lose.
     return rows.update(
         sync_state=State.PENDING,
         next_sync_at=None,
         sync_attempts=0,
         resend_count=F("resend_count") + 1,
+        delivery_version=None,
     )
 
 

@@ -506,6 +506,28 @@ def test_a_row_recomputed_while_in_flight_is_sent_again_at_its_new_version(crm):
     assert result.requests == 2
 
 
+def test_a_row_resent_while_in_flight_goes_again_under_a_new_key(crm):
+    ids = make_days(5)
+    resent = []
+
+    def resend_one(records, key):
+        if not resent:
+            # The admin's Resend, committed while the batch's request is on its way.
+            assert crm_resend(ids=[ids[2]]) == 1
+            resent.append(ids[2])
+
+    result = crm_sync(destination=hooked(crm, before=resend_one))
+    assert result.sent == 5 and result.superseded == 1
+    row = ProcessedAttendance.objects.get(pk=ids[2])
+    assert (row.sync_state, row.synced_version, row.resend_count) == (State.SYNCED, 1, 1)
+    assert row.delivery_key == "" and row.delivery_version is None
+    # The Resend was a request of its own: that row alone, under a key of its own.
+    from core.crm import content_key
+
+    assert result.requests == 2
+    assert crm.keys_seen()[1] == content_key([{"pk": ids[2], "version": 1, "resend_count": 1}])
+
+
 def test_a_claim_takes_only_unclaimed_due_rows(crm):
     from core.crm import _claim, _Config
 
