@@ -25,7 +25,7 @@ from core.crm import (
     crm_sync,
     sign,
 )
-from core.models import DeliveryLog, ProcessedAttendance
+from core.models import Counter, DeliveryLog, ProcessedAttendance
 from core.tests.factories import DeviceFactory, EmployeeFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -383,6 +383,9 @@ def test_retries_run_out_then_rows_fail_with_the_error_and_come_back_later(crm, 
     with time_machine.travel(failed.next_sync_at + datetime.timedelta(seconds=1), tick=True):
         assert crm_sync().sent == 20
     assert states() == {"synced": 30}
+    # Each booking added its rows to the totals of /metrics.
+    totals = dict(Counter.objects.filter(name="delivered_daily").values_list("outcome", "value"))
+    assert totals == {"sent": 30, "failed": 20, "rejected": 0}
 
 
 def test_a_failed_batch_sent_again_later_goes_under_its_first_key(crm, settings):
