@@ -798,6 +798,14 @@ def _user_command(
     return "DATA UPDATE USERINFO " + "\t".join(f"{k}={v}" for k, v in fields.items())
 
 
+_PASSWORD_FIELD = re.compile(r"(\tPasswd=)[^\t]+")
+
+
+def command_shown(command: str) -> str:
+    """A command line as people may read it: a user's password as ***."""
+    return _PASSWORD_FIELD.sub(r"\1***", command)
+
+
 def command_text(
     kind: str,
     *,
