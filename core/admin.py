@@ -36,6 +36,7 @@ from core.processing import (
     attendance_mark_reviewed,
     attendance_recompute,
 )
+from core.status import company_today
 from core.zk.client import DeviceError
 
 # --- Devices -------------------------------------------------------------------------
@@ -567,7 +568,10 @@ class WorkDateRangeFilter(admin.FieldListFilter):
 
 
 class PeriodFilter(admin.SimpleListFilter):
-    """The periods HR closes: weeks and months, this one and the last."""
+    """The periods HR closes: weeks and months, this one and the last.
+
+    Counted from today in COMPANY_TIMEZONE, the date HR sees on its own clock.
+    """
 
     title = "period"
     parameter_name = "range"
@@ -582,7 +586,7 @@ class PeriodFilter(admin.SimpleListFilter):
         ]
 
     def queryset(self, request, queryset):
-        today = timezone.localdate()
+        today = company_today()
         monday = today - datetime.timedelta(days=today.weekday())
         first = today.replace(day=1)
         previous_first = (first - datetime.timedelta(days=1)).replace(day=1)
