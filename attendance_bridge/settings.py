@@ -715,7 +715,7 @@ METRICS_TOKEN = envstr("METRICS_TOKEN", "")
 # database all work. /health/ fails when the last is older than five intervals.
 HEARTBEAT_INTERVAL_SECONDS = envint("HEARTBEAT_INTERVAL_SECONDS", 60, minimum=5)
 # An enabled device with no successful poll for this many minutes is overdue
-# (/health/ fails); default three poll intervals.
+# (/health/ fails, the status page counts it); default three poll intervals.
 DEVICE_OVERDUE_MINUTES = envfloat("DEVICE_OVERDUE_MINUTES", 3 * POLL_INTERVAL_MINUTES, minimum=0.1)
 # collectstatic fills it; made here so WhiteNoise finds it before the first run.
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
