@@ -444,8 +444,9 @@ CRM_FEED_RETENTION_DAYS = envint("CRM_FEED_RETENTION_DAYS", 14, minimum=1)
 
 # --- HR status page (core.status) ---------------------------------------------------
 
-# The zone whose date is "today" on the admin's status page (who is in, punches
-# per hour); unset or empty, DEVICE_DEFAULT_TIMEZONE.
+# The zone whose date is "today" for HR: the admin's status page (who is in,
+# punches per hour), the admin's date filters (daily attendance, raw punches) and
+# the timesheet page's default month; unset or empty, DEVICE_DEFAULT_TIMEZONE.
 COMPANY_TIMEZONE = (
     envzone("COMPANY_TIMEZONE", DEVICE_DEFAULT_TIMEZONE)
     if envstr("COMPANY_TIMEZONE", "").strip()

@@ -9,11 +9,11 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.template.response import TemplateResponse
 from django.urls import path
-from django.utils import timezone
 
 from core.csv_export import csv_response
 from core.models import Timesheet
 from core.reports import TIMESHEET_COLUMNS, timesheet_build
+from core.status import company_today
 
 # --- Timesheet (core.reports) ----------------------------------------------------------
 
@@ -63,7 +63,7 @@ class TimesheetAdmin(admin.ModelAdmin):
         if "start_date" in request.GET or "end_date" in request.GET:
             form = TimesheetForm(request.GET)
         else:
-            today = timezone.localdate()
+            today = company_today()
             form = TimesheetForm({"start_date": today.replace(day=1), "end_date": today})
         rows = page = None
         if form.is_valid():

@@ -47,7 +47,7 @@ def company_zone() -> ZoneInfo:
 
 
 def company_today(now: datetime.datetime | None = None) -> datetime.date:
-    """Today's date in the company's zone."""
+    """Today's date in the company's zone: HR's "today", here and in the admin's periods."""
     return (now or timezone.now()).astimezone(company_zone()).date()
 
 

@@ -352,12 +352,18 @@ def test_timesheet_permission_opens_no_page_of_a_single_day(login, client, days)
     assert client.get(f"/admin/core/processedattendance/{day.pk}/change/").status_code == 403
 
 
-def test_timesheet_page_opens_on_this_month(login, client, days):
-    login("core.view_timesheet")
-    with time_machine.travel(datetime.datetime(2026, 11, 20, 12, tzinfo=UTC), tick=False):
+def test_timesheet_page_opens_on_this_month_in_the_company_zone(login, client, days, settings):
+    settings.COMPANY_TIMEZONE = "America/Los_Angeles"
+    # 1 December 03:00 UTC is still 30 November, 19:00, in Los Angeles.
+    with time_machine.travel(datetime.datetime(2026, 12, 1, 3, tzinfo=UTC), tick=False):
+        login("core.view_timesheet")
         page = timesheet_page(client)
     assert page.status_code == 200
-    assert page.context["form"].cleaned_data["start_date"] == datetime.date(2026, 11, 1)
+    period = page.context["form"].cleaned_data
+    assert (period["start_date"], period["end_date"]) == (
+        datetime.date(2026, 11, 1),
+        datetime.date(2026, 11, 30),
+    )
     assert "Ann Lee" in page.content.decode()
 
 
