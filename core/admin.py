@@ -43,6 +43,7 @@ from core.processing import (
     attendance_mark_reviewed,
     attendance_recompute,
 )
+from core.status import company_today, company_zone
 from core.zk.client import DeviceError
 
 # --- Devices -------------------------------------------------------------------------
@@ -345,6 +346,17 @@ class EmployeeAdmin(PushEmployeeActions, admin.ModelAdmin):
 # --- Raw punches ---------------------------------------------------------------------
 
 
+class CompanyDateFilter(admin.DateFieldListFilter):
+    """Django's Today, Past 7 days, This month and This year, from today in COMPANY_TIMEZONE.
+
+    Django counts them in the current zone, which is TIME_ZONE (UTC) here.
+    """
+
+    def __init__(self, *args, **kwargs):
+        with timezone.override(company_zone()):
+            super().__init__(*args, **kwargs)
+
+
 class VerdictFilter(admin.SimpleListFilter):
     """Whose verdict stands on a punch: the automatic checks', or an operator's."""
 
@@ -401,7 +413,7 @@ class RawAttendanceAdmin(admin.ModelAdmin):
     ]
     list_filter = [
         "device",
-        ("timestamp", admin.DateFieldListFilter),
+        ("timestamp", CompanyDateFilter),
         "punch_state",
         "is_suspect",
         VerdictFilter,
@@ -576,7 +588,10 @@ class WorkDateRangeFilter(admin.FieldListFilter):
 
 
 class PeriodFilter(admin.SimpleListFilter):
-    """The periods HR closes: weeks and months, this one and the last."""
+    """The periods HR closes: weeks and months, this one and the last.
+
+    Counted from today in COMPANY_TIMEZONE, the date HR sees on its own clock.
+    """
 
     title = "period"
     parameter_name = "range"
@@ -591,7 +606,7 @@ class PeriodFilter(admin.SimpleListFilter):
         ]
 
     def queryset(self, request, queryset):
-        today = timezone.localdate()
+        today = company_today()
         monday = today - datetime.timedelta(days=today.weekday())
         first = today.replace(day=1)
         previous_first = (first - datetime.timedelta(days=1)).replace(day=1)

@@ -33,10 +33,18 @@ DELIVERED_PUNCHES = "delivered_punches"  # outcome sent / failed / rejected
 _TABLE = Counter._meta.db_table
 # One statement on PostgreSQL and SQLite alike; concurrent adds queue on the
 # row lock and none is lost.
+COUNTER_ON_CONFLICT = (
+    f"ON CONFLICT (name, device_id, outcome) DO UPDATE SET value = {_TABLE}.value + excluded.value"
+)
 _UPSERT = f"""
     INSERT INTO {_TABLE} (name, device_id, outcome, value) VALUES (%s, %s, %s, %s)
-    ON CONFLICT (name, device_id, outcome) DO UPDATE SET value = {_TABLE}.value + excluded.value
+    {COUNTER_ON_CONFLICT}
 """
+# For a statement that counts the rows another part of it wrote: followed by
+# FROM <those rows> and COUNTER_ON_CONFLICT; parameters name, device_id, outcome.
+COUNTER_UPSERT_SELECT = (
+    f"INSERT INTO {_TABLE} (name, device_id, outcome, value) SELECT %s, %s, %s, count(*)"
+)
 
 
 def counter_add(*, counts: Iterable[tuple[str, int, str, int]]) -> None:

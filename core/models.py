@@ -9,6 +9,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils.timezone import now
 
+from core import device_facts
+
 
 def validate_timezone(value: str) -> None:
     try:
@@ -29,23 +31,9 @@ def default_device_timeout() -> int:
 
 class Device(models.Model):
     # What polls learn about the device and write on its row; never set by a
-    # person, so read-only in the admin and the API.
-    OBSERVED_FIELDS = (
-        "serial_number",
-        "firmware",
-        "platform",
-        "device_name",
-        "user_count",
-        "user_capacity",
-        "record_count",
-        "record_capacity",
-        "clock_drift_seconds",
-        "last_poll_at",
-        "last_success_at",
-        "last_full_download_at",
-        "last_error",
-        "consecutive_failures",
-    )
+    # person, so read-only in the admin and the API, and not audited. Named in
+    # core.device_facts, where settings reads them too.
+    OBSERVED_FIELDS = device_facts.OBSERVED_FIELDS
 
     class Protocol(models.TextChoices):
         TCP = "tcp", "TCP"

@@ -30,7 +30,13 @@ from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from core import crm
-from core.models import ProcessedAttendance, ProcessingState, PunchDelivery, RawAttendance
+from core.models import (
+    ProcessedAttendance,
+    ProcessedAttendanceVersion,
+    ProcessingState,
+    PunchDelivery,
+    RawAttendance,
+)
 from core.processing import planning
 
 logger = logging.getLogger(__name__)
@@ -124,6 +130,11 @@ def _delete_in_batches(queryset) -> int:
                     cursor.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids)
             else:
                 model.objects.filter(pk__in=ids).delete()
+                # The days are gone from the bridge's store, not from the world:
+                # no tombstone in the changes feed, where a consumer would take
+                # it as a deletion. The copy of each day's last version stays,
+                # for consumers that have not read it yet.
+                ProcessedAttendanceVersion.objects.filter(day_id__in=ids, deleted=True).delete()
         deleted += len(ids)
 
 

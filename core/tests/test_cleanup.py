@@ -11,9 +11,11 @@ from django.utils import timezone
 
 from attendance_bridge.celery import app
 from core import crm, ingest, tasks
+from core.crm import crm_changes
 from core.models import (
     Device,
     ProcessedAttendance,
+    ProcessedAttendanceVersion,
     ProcessingState,
     PunchDelivery,
     RawAttendance,
@@ -80,6 +82,35 @@ def test_delivered_old_days_and_their_punches_are_deleted_undelivered_ones_kept(
     assert remaining == {p.pk for p in pending + recent}
     assert set(ProcessedAttendance.objects.values_list("user_id", flat=True)) == {"2001", "3001"}
     assert not {p.pk for p in delivered} & remaining
+
+
+def test_a_day_retention_deletes_leaves_no_tombstone_in_the_changes_feed(retention):
+    # A consumer of the feed that started before the days were made, and has
+    # read nothing since.
+    lagging = crm_changes().next_cursor
+    device = DeviceFactory()
+    shift("1001", old_moment(), device=device)
+    shift("2001", old_moment(), device=device)
+    attendance_process()
+    deliver("1001")
+    assert records_prune().days_deleted == 1
+
+    served = []
+    cursor = lagging
+    while True:
+        page = crm_changes(cursor=cursor, limit=1000)
+        served += [(r["user_id"], r["version"], r["deleted"]) for r in page.records]
+        cursor = page.next_cursor
+        if not page.has_more:
+            break
+    # The deleted day's last version is still served to the consumer that had
+    # not read it; no record says it was deleted.
+    assert ("1001", 1, False) in served
+    assert not [record for record in served if record[2]]
+    assert not ProcessedAttendanceVersion.objects.filter(deleted=True).exists()
+    # A deletion by processing still leaves its tombstone.
+    ProcessedAttendance.objects.filter(user_id="2001").delete()
+    assert ProcessedAttendanceVersion.objects.filter(deleted=True, user_id="2001").count() == 1
 
 
 def test_a_day_synced_at_an_older_version_is_not_deleted(retention):

@@ -25,7 +25,7 @@ from core.crm import (
     crm_sync,
     sign,
 )
-from core.models import DeliveryLog, ProcessedAttendance
+from core.models import Counter, DeliveryLog, ProcessedAttendance
 from core.tests.factories import DeviceFactory, EmployeeFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -383,6 +383,9 @@ def test_retries_run_out_then_rows_fail_with_the_error_and_come_back_later(crm, 
     with time_machine.travel(failed.next_sync_at + datetime.timedelta(seconds=1), tick=True):
         assert crm_sync().sent == 20
     assert states() == {"synced": 30}
+    # Each booking added its rows to the totals of /metrics.
+    totals = dict(Counter.objects.filter(name="delivered_daily").values_list("outcome", "value"))
+    assert totals == {"sent": 30, "failed": 20, "rejected": 0}
 
 
 def test_a_failed_batch_sent_again_later_goes_under_its_first_key(crm, settings):
@@ -504,6 +507,28 @@ def test_a_row_recomputed_while_in_flight_is_sent_again_at_its_new_version(crm):
     record = crm.held()[f"{row.user_id}:{row.work_date}"]
     assert (record["version"], record["punch_count"]) == (2, 3)
     assert result.requests == 2
+
+
+def test_a_row_resent_while_in_flight_goes_again_under_a_new_key(crm):
+    ids = make_days(5)
+    resent = []
+
+    def resend_one(records, key):
+        if not resent:
+            # The admin's Resend, committed while the batch's request is on its way.
+            assert crm_resend(ids=[ids[2]]) == 1
+            resent.append(ids[2])
+
+    result = crm_sync(destination=hooked(crm, before=resend_one))
+    assert result.sent == 5 and result.superseded == 1
+    row = ProcessedAttendance.objects.get(pk=ids[2])
+    assert (row.sync_state, row.synced_version, row.resend_count) == (State.SYNCED, 1, 1)
+    assert row.delivery_key == "" and row.delivery_version is None
+    # The Resend was a request of its own: that row alone, under a key of its own.
+    from core.crm import content_key
+
+    assert result.requests == 2
+    assert crm.keys_seen()[1] == content_key([{"pk": ids[2], "version": 1, "resend_count": 1}])
 
 
 def test_a_claim_takes_only_unclaimed_due_rows(crm):
