@@ -21,7 +21,14 @@ from core.admin_adms import (
 )
 from core.audit import audit_changes, audit_clock_set
 from core.crm import crm_punch_resend, crm_punch_reset_failed, crm_resend, crm_reset_failed
-from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
+from core.ingest import (
+    DeviceBusy,
+    device_sync_time,
+    device_test,
+    devices_poll,
+    drift_text,
+    punches_judge,
+)
 from core.models import (
     DeliveryLog,
     Device,
@@ -293,7 +300,8 @@ class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
         for device in queryset:
             report = device_test(device=device)
             if not report.ok:
-                self.message_user(request, f"{device.name}: {report.error}", messages.ERROR)
+                level = messages.WARNING if report.busy else messages.ERROR
+                self.message_user(request, f"{device.name}: {report.error}", level)
                 continue
             sizes = report.sizes
             self.message_user(
@@ -311,7 +319,8 @@ class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
             try:
                 local_now = device_sync_time(device=device)
             except DeviceError as exc:
-                self.message_user(request, f"{device.name}: {exc}", messages.ERROR)
+                level = messages.WARNING if isinstance(exc, DeviceBusy) else messages.ERROR
+                self.message_user(request, f"{device.name}: {exc}", level)
             else:
                 audit_clock_set(actor=request.user, device=device, set_to=local_now)
                 self.message_user(

@@ -130,10 +130,11 @@ class Device(models.Model):
     last_serial_number = models.CharField(
         max_length=64, blank=True, help_text="Serial number seen at the last successful download."
     )
-    # Who may talk to the device right now (core.ingest.device_lease): a poll
-    # or a log clear holds it until this moment. Workers on several machines
-    # claim it with one conditional UPDATE, so two never read one device at
-    # once; a worker that dies leaves it to expire.
+    # Who may talk to the device right now (core.ingest.device_lease_claim): a
+    # poll, a log clear or any other session (core.ingest.device_session) holds
+    # it until this moment. Workers on several machines claim it with one
+    # conditional UPDATE, so two never talk to one device at once; a worker
+    # that dies leaves it to expire.
     poll_lease_until = models.DateTimeField(null=True, blank=True, editable=False)
 
     # --- push (ADMS, core.adms): a clock that calls /iclock/ itself ---
