@@ -20,6 +20,8 @@ from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
 from kombu import Exchange, Queue
 
+from core.device_facts import OBSERVED_FIELDS as DEVICE_OBSERVED_FIELDS
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env")
 
@@ -442,8 +444,9 @@ CRM_FEED_RETENTION_DAYS = envint("CRM_FEED_RETENTION_DAYS", 14, minimum=1)
 
 # --- HR status page (core.status) ---------------------------------------------------
 
-# The zone whose date is "today" on the admin's status page (who is in, punches
-# per hour); unset or empty, DEVICE_DEFAULT_TIMEZONE.
+# The zone whose date is "today" for HR: the admin's status page (who is in,
+# punches per hour), the admin's date filters (daily attendance, raw punches) and
+# the timesheet page's default month; unset or empty, DEVICE_DEFAULT_TIMEZONE.
 COMPANY_TIMEZONE = (
     envzone("COMPANY_TIMEZONE", DEVICE_DEFAULT_TIMEZONE)
     if envstr("COMPANY_TIMEZONE", "").strip()
@@ -624,26 +627,15 @@ SPECTACULAR_SETTINGS = {
 AUDITLOG_STORE_JSON_CHANGES = True
 # The models whose saves and deletes auditlog's signals record; core.audit
 # records the set-based changes itself. A device's polling state is written
-# by polls, never by a person; its comm key shows only as set or not set.
-# Reverse relations are left out, or a create would list them as changed.
+# by polls, never by a person (its observed facts are named once, in
+# core.device_facts, for Device.OBSERVED_FIELDS and here); its comm key shows
+# only as set or not set. Reverse relations are left out, or a create would
+# list them as changed.
 AUDITLOG_INCLUDE_TRACKING_MODELS = (
     {
         "model": "core.device",
         "exclude_fields": [
-            "serial_number",
-            "firmware",
-            "platform",
-            "device_name",
-            "user_count",
-            "user_capacity",
-            "record_count",
-            "record_capacity",
-            "clock_drift_seconds",
-            "last_poll_at",
-            "last_success_at",
-            "last_full_download_at",
-            "last_error",
-            "consecutive_failures",
+            *DEVICE_OBSERVED_FIELDS,
             "last_record_count",
             "last_serial_number",
             "created_at",
@@ -725,7 +717,7 @@ METRICS_TOKEN = envstr("METRICS_TOKEN", "")
 # database all work. /health/ fails when the last is older than five intervals.
 HEARTBEAT_INTERVAL_SECONDS = envint("HEARTBEAT_INTERVAL_SECONDS", 60, minimum=5)
 # An enabled device with no successful poll for this many minutes is overdue
-# (/health/ fails); default three poll intervals.
+# (/health/ fails, the status page counts it); default three poll intervals.
 DEVICE_OVERDUE_MINUTES = envfloat("DEVICE_OVERDUE_MINUTES", 3 * POLL_INTERVAL_MINUTES, minimum=0.1)
 # collectstatic fills it; made here so WhiteNoise finds it before the first run.
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,14 @@ from core.admin_adms import (
 )
 from core.audit import audit_changes, audit_clock_set
 from core.crm import crm_punch_resend, crm_punch_reset_failed, crm_resend, crm_reset_failed
-from core.ingest import device_sync_time, device_test, devices_poll, drift_text, punches_judge
+from core.ingest import (
+    DeviceBusy,
+    device_sync_time,
+    device_test,
+    devices_poll,
+    drift_text,
+    punches_judge,
+)
 from core.models import (
     DeliveryLog,
     Device,
@@ -36,6 +43,7 @@ from core.processing import (
     attendance_mark_reviewed,
     attendance_recompute,
 )
+from core.status import company_today, company_zone
 from core.zk.client import DeviceError
 
 # --- Devices -------------------------------------------------------------------------
@@ -292,7 +300,8 @@ class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
         for device in queryset:
             report = device_test(device=device)
             if not report.ok:
-                self.message_user(request, f"{device.name}: {report.error}", messages.ERROR)
+                level = messages.WARNING if report.busy else messages.ERROR
+                self.message_user(request, f"{device.name}: {report.error}", level)
                 continue
             sizes = report.sizes
             self.message_user(
@@ -310,7 +319,8 @@ class DeviceAdmin(PushDeviceActions, admin.ModelAdmin):
             try:
                 local_now = device_sync_time(device=device)
             except DeviceError as exc:
-                self.message_user(request, f"{device.name}: {exc}", messages.ERROR)
+                level = messages.WARNING if isinstance(exc, DeviceBusy) else messages.ERROR
+                self.message_user(request, f"{device.name}: {exc}", level)
             else:
                 audit_clock_set(actor=request.user, device=device, set_to=local_now)
                 self.message_user(
@@ -334,6 +344,17 @@ class EmployeeAdmin(PushEmployeeActions, admin.ModelAdmin):
 
 
 # --- Raw punches ---------------------------------------------------------------------
+
+
+class CompanyDateFilter(admin.DateFieldListFilter):
+    """Django's Today, Past 7 days, This month and This year, from today in COMPANY_TIMEZONE.
+
+    Django counts them in the current zone, which is TIME_ZONE (UTC) here.
+    """
+
+    def __init__(self, *args, **kwargs):
+        with timezone.override(company_zone()):
+            super().__init__(*args, **kwargs)
 
 
 class VerdictFilter(admin.SimpleListFilter):
@@ -392,7 +413,7 @@ class RawAttendanceAdmin(admin.ModelAdmin):
     ]
     list_filter = [
         "device",
-        ("timestamp", admin.DateFieldListFilter),
+        ("timestamp", CompanyDateFilter),
         "punch_state",
         "is_suspect",
         VerdictFilter,
@@ -567,7 +588,10 @@ class WorkDateRangeFilter(admin.FieldListFilter):
 
 
 class PeriodFilter(admin.SimpleListFilter):
-    """The periods HR closes: weeks and months, this one and the last."""
+    """The periods HR closes: weeks and months, this one and the last.
+
+    Counted from today in COMPANY_TIMEZONE, the date HR sees on its own clock.
+    """
 
     title = "period"
     parameter_name = "range"
@@ -582,7 +606,7 @@ class PeriodFilter(admin.SimpleListFilter):
         ]
 
     def queryset(self, request, queryset):
-        today = timezone.localdate()
+        today = company_today()
         monday = today - datetime.timedelta(days=today.weekday())
         first = today.replace(day=1)
         previous_first = (first - datetime.timedelta(days=1)).replace(day=1)

@@ -1,21 +1,19 @@
 """The admin's report pages: the timesheet (core.reports) with its CSV
 download, and the audit log (core.audit), read-only. Imported by core.admin."""
 
-import csv
-
 from auditlog import admin as auditlog_admin
 from auditlog.models import LogEntry
 from django import forms
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.http import StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path
-from django.utils import timezone
 
+from core.csv_export import csv_response
 from core.models import Timesheet
 from core.reports import TIMESHEET_COLUMNS, timesheet_build
+from core.status import company_today
 
 # --- Timesheet (core.reports) ----------------------------------------------------------
 
@@ -31,20 +29,6 @@ class TimesheetForm(forms.Form):
         if start and end and end < start:
             self.add_error("end_date", "The end date must not be before the start date.")
         return cleaned
-
-
-class _Echo:
-    """A file that hands back what is written, for csv.writer into a streamed response."""
-
-    def write(self, value):
-        return value
-
-
-def _csv_cell(value):
-    # A cell starting with = + - @ is a formula to a spreadsheet; names come from clocks.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
-        return "'" + value
-    return value
 
 
 @admin.register(Timesheet)
@@ -79,7 +63,7 @@ class TimesheetAdmin(admin.ModelAdmin):
         if "start_date" in request.GET or "end_date" in request.GET:
             form = TimesheetForm(request.GET)
         else:
-            today = timezone.localdate()
+            today = company_today()
             form = TimesheetForm({"start_date": today.replace(day=1), "end_date": today})
         rows = page = None
         if form.is_valid():
@@ -90,7 +74,10 @@ class TimesheetAdmin(admin.ModelAdmin):
                 user_ids=[user_id] if user_id else None,
             )
             if request.GET.get("download") == "csv":
-                return self._csv(rows, form.cleaned_data)
+                start, end = form.cleaned_data["start_date"], form.cleaned_data["end_date"]
+                return csv_response(
+                    columns=TIMESHEET_COLUMNS, rows=rows, filename=f"timesheet_{start}_{end}"
+                )
             page = Paginator(rows, self.page_size).get_page(request.GET.get("p"))
         query = request.GET.copy()
         query.pop("p", None)
@@ -107,19 +94,6 @@ class TimesheetAdmin(admin.ModelAdmin):
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/core/timesheet/report.html", context)
-
-    def _csv(self, rows, params):
-        writer = csv.writer(_Echo())
-
-        def lines():
-            yield writer.writerow(TIMESHEET_COLUMNS)
-            for row in rows:
-                yield writer.writerow([_csv_cell(row[column]) for column in TIMESHEET_COLUMNS])
-
-        name = f"timesheet_{params['start_date']}_{params['end_date']}.csv"
-        response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
-        response["Content-Disposition"] = f'attachment; filename="{name}"'
-        return response
 
 
 # --- Audit log (core.audit) ------------------------------------------------------------

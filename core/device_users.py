@@ -1,12 +1,14 @@
 """The users on a clock: read them live, add or change one, delete one, import many.
 
-Each function opens one connection to the device, checks every user against
+Each function opens one connection to the device, under its lease
+(core.ingest.device_session: never while a poll runs), checks every user against
 what that device can store (its PIN width, the byte limits of its user record
 in its encoding) before it writes anything, and raises:
 
 - DeviceUserInvalid when a user does not fit (nothing was written);
 - core.zk.client.DeviceError subclasses when the device cannot be reached or
-  refuses (DeviceTimeout when it did not answer in time).
+  refuses (DeviceTimeout when it did not answer in time), or is busy
+  (core.ingest.DeviceBusy: another worker holds it; nothing was sent).
 
 Writes are idempotent: a user is matched by its user id, so saving the same
 user again rewrites the same slot (uid), and deleting a user that is gone
@@ -37,7 +39,7 @@ from django.conf import settings
 from django.db import transaction
 
 from core import adms
-from core.ingest import client_for, employees_store
+from core.ingest import device_session, employees_store
 from core.models import Device, DeviceCommand, Employee
 from core.zk.client import DeviceClient, DeviceUser
 
@@ -228,7 +230,7 @@ def device_users_list(*, device: Device) -> DeviceUsers:
     copy (live False). Reads only. Raises DeviceError."""
     if _pushing(device):
         return DeviceUsers(users=list(_bridge_copy(device).values()), live=False)
-    with client_for(device) as client:
+    with device_session(device) as client:
         return DeviceUsers(users=client.read_users(), live=True)
 
 
@@ -248,7 +250,7 @@ def device_user_save(
     """
     if _pushing(device):
         return _push_queue(device, [user], index=False, created_by=created_by)
-    with client_for(device) as client:
+    with device_session(device) as client:
         ((record, current),) = _plan(
             [user], on_device=client.read_users(), client=client, index=False
         )
@@ -284,7 +286,7 @@ def device_user_delete(
         )
         queued = DeviceCommand.objects.create(device=device, command=command, created_by=created_by)
         return PushQueued(commands=[queued], written=[(None, before)])
-    with client_for(device) as client:
+    with device_session(device) as client:
         match = next((u for u in client.read_users() if u.user_id == user_id), None)
         if match is None:
             return None
@@ -310,7 +312,7 @@ def device_users_import(
     if _pushing(device):
         return _push_queue(device, users, index=True, created_by=created_by)
     result = ImportResult()
-    with client_for(device) as client:
+    with device_session(device) as client:
         plan = _plan(users, on_device=client.read_users(), client=client, index=True)
         for record, current in plan:
             if _same(record, current):

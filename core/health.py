@@ -111,16 +111,19 @@ def _heartbeat(now: datetime.datetime) -> Check:
     return Check(True, f"the last heartbeat is {age:.0f} s old")
 
 
-def _devices(now: datetime.datetime) -> Check:
+def device_overdue_q(*, now: datetime.datetime) -> Q:
+    """Enabled devices overdue for a successful poll: none for more than
+    DEVICE_OVERDUE_MINUTES. A device never polled counts from when it was
+    added, so one just added is not overdue before its first polls were due.
+    The /health/ check and the status page (core.status) both select with it."""
     cutoff = now - datetime.timedelta(minutes=settings.DEVICE_OVERDUE_MINUTES)
-    # A device never polled counts from when it was added.
-    overdue = list(
-        Device.objects.filter(enabled=True)
-        .filter(
-            Q(last_success_at__lt=cutoff) | Q(last_success_at__isnull=True, created_at__lt=cutoff)
-        )
-        .values_list("name", flat=True)
+    return Q(enabled=True) & (
+        Q(last_success_at__lt=cutoff) | Q(last_success_at__isnull=True, created_at__lt=cutoff)
     )
+
+
+def _devices(now: datetime.datetime) -> Check:
+    overdue = list(Device.objects.filter(device_overdue_q(now=now)).values_list("name", flat=True))
     if overdue:
         return Check(
             False,

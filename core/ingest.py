@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -69,7 +71,8 @@ class PollResult:
     # The poll succeeded but the operator should look: e.g. user names that are
     # not valid in the device's encoding.
     warnings: list[str] = field(default_factory=list)
-    # Another worker held the device (device_lease_claim): this poll did nothing.
+    # Another worker held the device (device_lease_claim): this poll did nothing;
+    # `error` says when to try again (DeviceBusy).
     busy: bool = False
 
     def line(self) -> str:
@@ -102,6 +105,8 @@ class DeviceReport:
     ok: bool = False
     error: str = ""
     timed_out: bool = False
+    # Another worker held the device (DeviceBusy): nothing was sent to it.
+    busy: bool = False
     identity: dict[str, str] = field(default_factory=dict)
     sizes: DeviceSizes | None = None
     clock_drift_seconds: float | None = None
@@ -554,11 +559,17 @@ def device_record_failure(*, device: Device, error: str, at: datetime.datetime) 
     device.refresh_from_db(fields=["last_poll_at", "last_error", "consecutive_failures"])
 
 
-def _poll_guarded(
-    device: Device, force_full: bool, progress: Callable[[Device, str, int], None] | None = None
+def device_poll_guarded(
+    *,
+    device: Device,
+    force_full: bool = False,
+    progress: Callable[[Device, str, int], None] | None = None,
 ) -> PollResult:
+    """Polls one device (device_poll) under its lease, as Poll now and
+    `?wait=true` do: a device another worker holds is not contacted, its
+    result marked `busy`. Never raises: a database locked too long, or a bug,
+    becomes the result's error (the bug logged with the device's id)."""
     report = (lambda event, amount: progress(device, event, amount)) if progress else None
-    # The scheduled polls' lease: a device a worker is polling is skipped.
     try:
         until = device_lease_claim(device_id=device.pk, lease=poll_lease())
     except OperationalError as exc:
@@ -567,7 +578,7 @@ def _poll_guarded(
         logger.warning("Poll of device %s (id %s) failed: %s", device.name, device.pk, exc)
         return PollResult(device_id=device.pk, device_name=device.name, error=_locked_error())
     if until is None:
-        return PollResult(device_id=device.pk, device_name=device.name, busy=True)
+        return _busy_result(device)
     try:
         return device_poll(device=device, force_full=force_full, progress=report)
     except Exception as exc:
@@ -584,7 +595,7 @@ def _poll_in_thread(
     device: Device, force_full: bool, progress: Callable[[Device, str, int], None] | None
 ) -> PollResult:
     try:
-        return _poll_guarded(device, force_full, progress)
+        return device_poll_guarded(device=device, force_full=force_full, progress=progress)
     finally:
         connections.close_all()
 
@@ -598,7 +609,7 @@ def devices_poll(
 ) -> list[PollResult]:
     """Polls several devices side by side; a slow or failing one does not hold up the rest.
 
-    Each under its lease (device_lease_claim): a device a worker is polling
+    Each under its lease (device_poll_guarded): a device a worker is polling
     right now is skipped, its result marked `busy`. Devices without an IP
     address push their punches (core.adms) and are skipped. Idempotent as
     device_poll is; never raises for a device problem. `progress` is told each
@@ -611,7 +622,10 @@ def devices_poll(
         return []
     if len(devices) == 1 or workers <= 1 or connection.vendor == "sqlite":
         # SQLite allows one writer at a time; threads would only queue on its lock.
-        return [_poll_guarded(device, force_full, progress) for device in devices]
+        return [
+            device_poll_guarded(device=device, force_full=force_full, progress=progress)
+            for device in devices
+        ]
     with ThreadPoolExecutor(max_workers=min(workers, len(devices))) as pool:
         return list(pool.map(lambda d: _poll_in_thread(d, force_full, progress), devices))
 
@@ -619,9 +633,50 @@ def devices_poll(
 # --- One worker per device ---------------------------------------------------------------
 
 
+# A device's lease (Device.poll_lease_until) is held by whatever talks to it:
+# a poll, a log clear, a connection test, a clock set, a read or write of its
+# users. ZK clocks serve one session at a time; a second connection opened
+# mid-download can break the first.
+
+# How long to wait before trying a busy device again: most polls end within
+# seconds, well before their lease would (poll_lease is the worst case).
+DEVICE_BUSY_RETRY_SECONDS = 30
+
+
+class DeviceBusy(DeviceError):
+    """Another worker holds the device's lease (a poll in progress): nothing
+    was sent to the device. `retry_in` is when to try again, in seconds."""
+
+    def __init__(self, retry_in: int):
+        self.retry_in = retry_in
+        super().__init__(
+            f"device busy: a poll is in progress (or another session with the device), "
+            f"try again in {retry_in} s"
+        )
+
+
+def device_busy(*, device_id: int) -> DeviceBusy:
+    """The DeviceBusy for a device whose lease another worker holds: try again
+    in DEVICE_BUSY_RETRY_SECONDS, or sooner when the lease ends sooner."""
+    until = Device.objects.filter(pk=device_id).values_list("poll_lease_until", flat=True).first()
+    left = (until - timezone.now()).total_seconds() if until else 0
+    return DeviceBusy(retry_in=max(1, min(DEVICE_BUSY_RETRY_SECONDS, math.ceil(left))))
+
+
+def _busy_result(device: Device) -> PollResult:
+    logger.info("Device %s (id %s) is held by another worker; not polled.", device.name, device.pk)
+    return PollResult(
+        device_id=device.pk,
+        device_name=device.name,
+        busy=True,
+        error=str(device_busy(device_id=device.pk)),
+    )
+
+
 def poll_lease() -> datetime.timedelta:
-    """How long a poll holds its device: longer than a task may run (its hard
-    time limit), so a lease is never taken from a poll still running."""
+    """How long a poll, or any other session, holds its device: longer than a
+    task may run (its hard time limit), so a lease is never taken from a poll
+    still running."""
     return datetime.timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 30)
 
 
@@ -670,12 +725,31 @@ def device_poll_leased(
         return None
     until = device_lease_claim(device_id=device_id, lease=lease)
     if until is None:
-        logger.info("Device %s (id %s) is being polled by another worker.", device.name, device_id)
-        return PollResult(device_id=device_id, device_name=device.name, busy=True)
+        return _busy_result(device)
     try:
         return device_poll(device=device, force_full=force_full)
     finally:
         device_lease_release(device_id=device_id, until=until)
+
+
+@contextmanager
+def device_session(device: Device) -> Iterator[DeviceClient]:
+    """A connection to the device under its lease (device_lease_claim), for
+    everything but polls and log clears, which hold the lease themselves.
+
+    Raises DeviceBusy before connecting when another worker holds the lease
+    (a poll in progress), and DeviceError as client_for and the client do.
+    The lease is given back when the block ends, error or not.
+    """
+    client = client_for(device)
+    until = device_lease_claim(device_id=device.pk, lease=poll_lease())
+    if until is None:
+        raise device_busy(device_id=device.pk)
+    try:
+        with client:
+            yield client
+    finally:
+        device_lease_release(device_id=device.pk, until=until)
 
 
 # --- Clearing a device's log -----------------------------------------------------------
@@ -809,12 +883,14 @@ def device_clear_log(
 
 
 def device_sync_time(*, device: Device) -> datetime.datetime:
-    """Sets the device clock to the current time in its zone; returns what was set.
+    """Sets the device clock to the current time in its zone, under the
+    device's lease (device_session); returns what was set.
 
-    Raises DeviceError when the device cannot be reached.
+    Raises DeviceBusy when another worker holds the device (nothing is sent),
+    DeviceError when the device cannot be reached.
     """
     local_now = timezone.now().astimezone(device.zone).replace(tzinfo=None, microsecond=0)
-    with client_for(device) as client:
+    with device_session(device) as client:
         client.set_time(local_now)
         device_now = client.get_time()
     Device.objects.filter(pk=device.pk).update(
@@ -824,16 +900,19 @@ def device_sync_time(*, device: Device) -> datetime.datetime:
 
 
 def device_test(*, device: Device) -> DeviceReport:
-    """Connects and reads identity, counts and clock, changing nothing."""
+    """Connects and reads identity, counts and clock, changing nothing, under
+    the device's lease (device_session): a device another worker holds is not
+    contacted, its report marked `busy`. Never raises for a device problem."""
     report = DeviceReport(device_name=device.name)
     try:
-        with client_for(device) as client:
+        with device_session(device) as client:
             report.identity = client.read_identity()
             report.sizes = client.read_sizes()
             device_now = client.get_time()
     except DeviceError as exc:
         report.error = str(exc)
         report.timed_out = isinstance(exc, DeviceTimeout)
+        report.busy = isinstance(exc, DeviceBusy)
         return report
     report.clock_drift_seconds = clock_drift(device_now, zone=device.zone, now=timezone.now())
     report.ok = True

@@ -9,6 +9,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils.timezone import now
 
+from core import device_facts
+
 
 def validate_timezone(value: str) -> None:
     try:
@@ -29,23 +31,9 @@ def default_device_timeout() -> int:
 
 class Device(models.Model):
     # What polls learn about the device and write on its row; never set by a
-    # person, so read-only in the admin and the API.
-    OBSERVED_FIELDS = (
-        "serial_number",
-        "firmware",
-        "platform",
-        "device_name",
-        "user_count",
-        "user_capacity",
-        "record_count",
-        "record_capacity",
-        "clock_drift_seconds",
-        "last_poll_at",
-        "last_success_at",
-        "last_full_download_at",
-        "last_error",
-        "consecutive_failures",
-    )
+    # person, so read-only in the admin and the API, and not audited. Named in
+    # core.device_facts, where settings reads them too.
+    OBSERVED_FIELDS = device_facts.OBSERVED_FIELDS
 
     class Protocol(models.TextChoices):
         TCP = "tcp", "TCP"
@@ -142,10 +130,11 @@ class Device(models.Model):
     last_serial_number = models.CharField(
         max_length=64, blank=True, help_text="Serial number seen at the last successful download."
     )
-    # Who may talk to the device right now (core.ingest.device_lease): a poll
-    # or a log clear holds it until this moment. Workers on several machines
-    # claim it with one conditional UPDATE, so two never read one device at
-    # once; a worker that dies leaves it to expire.
+    # Who may talk to the device right now (core.ingest.device_lease_claim): a
+    # poll, a log clear or any other session (core.ingest.device_session) holds
+    # it until this moment. Workers on several machines claim it with one
+    # conditional UPDATE, so two never talk to one device at once; a worker
+    # that dies leaves it to expire.
     poll_lease_until = models.DateTimeField(null=True, blank=True, editable=False)
 
     # --- push (ADMS, core.adms): a clock that calls /iclock/ itself ---

@@ -23,12 +23,9 @@ from django.db.models.lookups import GreaterThanOrEqual
 from django.utils import timezone
 
 from core.crm import DeliveryStats, crm_punch_stats, crm_stats
+from core.health import device_overdue_q
 from core.ingest import drift_text
 from core.models import Device, ProcessedAttendance, RawAttendance
-
-# A device is overdue when its last successful poll is older than this many
-# poll intervals: one missed poll is a hiccup, three are a problem.
-OVERDUE_POLL_INTERVALS = 3
 
 PRESENCE = "presence"
 REVIEW = "review"
@@ -50,7 +47,7 @@ def company_zone() -> ZoneInfo:
 
 
 def company_today(now: datetime.datetime | None = None) -> datetime.date:
-    """Today's date in the company's zone."""
+    """Today's date in the company's zone: HR's "today", here and in the admin's periods."""
     return (now or timezone.now()).astimezone(company_zone()).date()
 
 
@@ -136,17 +133,15 @@ def device_q(kind: str, *, now: datetime.datetime) -> Q:
     """Enabled devices behind a device figure.
 
     down: the last poll failed. overdue: no successful poll for
-    OVERDUE_POLL_INTERVALS poll intervals (or never). log_full: the log holds
+    DEVICE_OVERDUE_MINUTES, the rule /health/ uses (core.health.device_overdue_q;
+    a device never polled counts from when it was added). log_full: the log holds
     DEVICE_LOG_FULL_ALERT_PERCENT of its capacity or more. drift: the clock
     was further off than CLOCK_DRIFT_ALERT_SECONDS at the last poll.
     """
     if kind == "down":
         condition = Q(consecutive_failures__gt=0)
     elif kind == "overdue":
-        late = now - datetime.timedelta(
-            minutes=OVERDUE_POLL_INTERVALS * settings.POLL_INTERVAL_MINUTES
-        )
-        condition = Q(last_success_at__isnull=True) | Q(last_success_at__lt=late)
+        condition = device_overdue_q(now=now)
     elif kind == "log_full":
         condition = Q(record_capacity__gt=0, record_count__isnull=False) & Q(
             GreaterThanOrEqual(
@@ -208,6 +203,7 @@ class DeviceHealth:
     log_full: int
     drift: int
     alerts: list[DeviceAlert]
+    overdue_minutes: float  # DEVICE_OVERDUE_MINUTES, shown beside the overdue figure
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +343,7 @@ def _devices(now: datetime.datetime) -> DeviceHealth:
     return DeviceHealth(
         enabled=len(devices),
         alerts=alerts,
+        overdue_minutes=settings.DEVICE_OVERDUE_MINUTES,
         **{kind: sum(1 for d in devices if getattr(d, kind)) for kind in _DEVICE_PROBLEMS},
     )
 

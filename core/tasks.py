@@ -18,6 +18,7 @@ fleet of polls finishing together queues one processing run.
 import dataclasses
 import datetime
 import logging
+import math
 
 from celery import shared_task
 from django.conf import settings
@@ -93,24 +94,42 @@ def poll_all_devices(force_full: bool = False) -> list[int]:
     return ids
 
 
-@shared_task
-def test_device(device_id: int) -> dict | None:
-    """Connects to one device and reads identity, counts and clock (ingest.device_test)."""
+def _retry_while_busy(task, busy: ingest.DeviceBusy) -> None:
+    """Queues `task` again in `busy.retry_in` seconds (raises celery's Retry)
+    while a device's lease may still be held by a live poll; returns once the
+    task has waited as long as a lease lasts, and the task reports the device busy."""
+    tries = math.ceil(ingest.poll_lease().total_seconds() / ingest.DEVICE_BUSY_RETRY_SECONDS) + 1
+    if task.request.retries < tries:
+        raise task.retry(countdown=busy.retry_in, max_retries=tries)
+
+
+@shared_task(bind=True)
+def test_device(self, device_id: int) -> dict | None:
+    """Connects to one device and reads identity, counts and clock (ingest.device_test);
+    while another worker polls it, tries again later."""
     device = _device(device_id)
     if device is None:
         return None
-    return dataclasses.asdict(ingest.device_test(device=device))
+    report = ingest.device_test(device=device)
+    if report.busy:
+        _retry_while_busy(self, ingest.device_busy(device_id=device_id))
+    return dataclasses.asdict(report)
 
 
-@shared_task
-def sync_device_time(device_id: int, actor_id: int | None = None) -> dict | None:
+@shared_task(bind=True)
+def sync_device_time(self, device_id: int, actor_id: int | None = None) -> dict | None:
     """Sets one device's clock to the server's time in its zone (ingest.device_sync_time)
     and records it in the audit log as done by the user ``actor_id`` (who asked
-    for it through the API; None for no one, or a user deleted since)."""
+    for it through the API; None for no one, or a user deleted since). While
+    another worker polls the device, tries again later."""
     device = _device(device_id)
     if device is None:
         return None
-    local_now = ingest.device_sync_time(device=device)
+    try:
+        local_now = ingest.device_sync_time(device=device)
+    except ingest.DeviceBusy as busy:
+        _retry_while_busy(self, busy)
+        return {"device_id": device_id, "busy": True, "error": str(busy)}
     actor = None if actor_id is None else get_user_model().objects.filter(pk=actor_id).first()
     audit_clock_set(actor=actor, device=device, set_to=local_now)
     return {"device_id": device_id, "set_to": local_now.isoformat()}

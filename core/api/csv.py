@@ -4,18 +4,18 @@
 list() streams the filtered queryset (every row, not a page) through the
 view's serializer, the columns named and ordered as the JSON's fields, with a
 header row. Rows are read with .iterator(), so a year of punches never sits
-in memory. A view whose rows are not a queryset calls `csv_response` with
-any iterable of dicts.
+in memory. A view whose rows are not a queryset calls
+core.csv_export.csv_response with any iterable of dicts; the cells are
+written by core.csv_export.cell, as in the admin's downloads.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 
-from django.http import StreamingHttpResponse
 from rest_framework.renderers import BaseRenderer
+
+from core.csv_export import csv_lines, csv_response
 
 CHUNK_ROWS = 2000
 
@@ -32,58 +32,9 @@ class CSVRenderer(BaseRenderer):
     def render(self, data, accepted_media_type=None, renderer_context=None) -> bytes:
         if data is None:
             return b""
-        buffer = _Echo()
-        writer = csv.writer(buffer)
-        lines = [writer.writerow(["field", "value"])]
         items = data.items() if isinstance(data, Mapping) else enumerate(data)
-        lines += [writer.writerow([key, cell(value)]) for key, value in items]
-        return "".join(lines).encode()
-
-
-class _Echo:
-    """A file-like object whose write() hands back what it was given."""
-
-    def write(self, value: str) -> str:
-        return value
-
-
-# A text cell starting with one of these is a formula to a spreadsheet; names
-# come from clocks and people, so such a cell is written with a leading quote,
-# as the admin's timesheet download does.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def cell(value) -> str:
-    """One CSV cell: empty for null, true/false, JSON for lists and objects;
-    text a spreadsheet would run as a formula gets a leading quote."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | dict):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return "'" + value
-    return str(value)
-
-
-def csv_lines(*, columns: Sequence[str], rows: Iterable[Mapping]) -> Iterable[str]:
-    """The header line, then one line per row (values picked by column name)."""
-    writer = csv.writer(_Echo())
-    yield writer.writerow(columns)
-    for row in rows:
-        yield writer.writerow([cell(row.get(column)) for column in columns])
-
-
-def csv_response(
-    *, columns: Sequence[str], rows: Iterable[Mapping], filename: str
-) -> StreamingHttpResponse:
-    """A streamed text/csv download of `rows` under these column names."""
-    response = StreamingHttpResponse(
-        csv_lines(columns=columns, rows=rows), content_type="text/csv; charset=utf-8"
-    )
-    response["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
-    return response
+        rows = ({"field": key, "value": value} for key, value in items)
+        return "".join(csv_lines(columns=("field", "value"), rows=rows)).encode()
 
 
 class CSVExportMixin:

@@ -98,6 +98,10 @@ class PollResultSerializer(serializers.Serializer):
     error = serializers.CharField()
     timed_out = serializers.BooleanField()
     warnings = serializers.ListField(child=serializers.CharField())
+    busy = serializers.BooleanField(
+        help_text="Another worker held the device (a poll in progress): not contacted; "
+        "`error` says when to try again."
+    )
 
 
 class DeviceReportSerializer(serializers.Serializer):
@@ -105,6 +109,10 @@ class DeviceReportSerializer(serializers.Serializer):
     ok = serializers.BooleanField()
     error = serializers.CharField()
     timed_out = serializers.BooleanField()
+    busy = serializers.BooleanField(
+        help_text="Another worker held the device (a poll in progress): not contacted; "
+        "`error` says when to try again."
+    )
     identity = serializers.DictField(child=serializers.CharField())
     sizes = DeviceSizesSerializer(allow_null=True)
     clock_drift_seconds = serializers.FloatField(allow_null=True)

@@ -2,8 +2,10 @@
 
 import datetime
 import socket
+from zoneinfo import ZoneInfo
 
 import pytest
+import time_machine
 from auditlog.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.urls import reverse
@@ -260,6 +262,63 @@ def test_raw_punch_list_shows_the_time_the_device_showed(admin_client):
     )
     page = admin_client.get(reverse("admin:core_rawattendance_changelist")).content.decode()
     assert "2026-07-01 08:00:00 WEST" in page
+
+
+# Two moments when the date in UTC is not the company's, each on New Year's Eve so
+# that every span differs: punches given on the company's clock.
+DATE_FILTER_CASES = {
+    # 1 January 2027, 01:30 in Kolkata.
+    "Asia/Kolkata": (
+        datetime.datetime(2026, 12, 31, 20, tzinfo=datetime.UTC),
+        ["2026-12-24 12:00", "2026-12-25 03:00", "2026-12-31 12:00", "2027-01-01 01:00"],
+        {
+            "Today": ["2027-01-01 01:00"],
+            "Past 7 days": ["2026-12-25 03:00", "2026-12-31 12:00", "2027-01-01 01:00"],
+            "This month": ["2027-01-01 01:00"],
+            "This year": ["2027-01-01 01:00"],
+        },
+    ),
+    # 31 December 2026, 19:00 in Los Angeles.
+    "America/Los_Angeles": (
+        datetime.datetime(2027, 1, 1, 3, tzinfo=datetime.UTC),
+        ["2026-12-24 10:00", "2026-12-31 10:00", "2026-12-31 18:00"],
+        {
+            "Today": ["2026-12-31 10:00", "2026-12-31 18:00"],
+            "Past 7 days": ["2026-12-24 10:00", "2026-12-31 10:00", "2026-12-31 18:00"],
+            "This month": ["2026-12-24 10:00", "2026-12-31 10:00", "2026-12-31 18:00"],
+            "This year": ["2026-12-24 10:00", "2026-12-31 10:00", "2026-12-31 18:00"],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("zone", "choice"),
+    [(zone, choice) for zone, (_, _, spans) in DATE_FILTER_CASES.items() for choice in spans],
+)
+def test_raw_punch_date_filter_counts_from_today_in_the_company_zone(
+    client, django_user_model, settings, zone, choice
+):
+    now, punches, spans = DATE_FILTER_CASES[zone]
+    settings.COMPANY_TIMEZONE = zone
+    company = ZoneInfo(zone)
+    for local in punches:
+        naive = datetime.datetime.fromisoformat(local)
+        RawAttendanceFactory(user_id="1001", timestamp=naive.replace(tzinfo=company))
+    url = reverse("admin:core_rawattendance_changelist")
+
+    with time_machine.travel(now, tick=False):
+        client.force_login(django_user_model.objects.create_superuser("hr"))
+        cl = client.get(url).context["cl"]
+        (dates,) = [spec for spec in cl.filter_specs if spec.title == "timestamp"]
+        (link,) = [c["query_string"] for c in dates.choices(cl) if c["display"] == choice]
+        response = client.get(url + link)
+
+    shown = sorted(
+        row.timestamp.astimezone(company).strftime("%Y-%m-%d %H:%M")
+        for row in response.context["cl"].result_list
+    )
+    assert shown == spans[choice]
 
 
 # --- Who may do what --------------------------------------------------------------------

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from core.api.csv import cell
+from core.csv_export import cell
 from core.models import ProcessedAttendance, RawAttendance
 from core.tests.factories import DeviceFactory, EmployeeFactory, RawAttendanceFactory
 

@@ -7,6 +7,7 @@ import socket
 import pytest
 from django.utils import timezone
 
+from core import ingest
 from core.models import Device, Employee, RawAttendance
 from core.tests.factories import DeviceFactory, RawAttendanceFactory
 from core.zk.emulator import AttendanceRecord, DeviceState, UserRecord
@@ -170,6 +171,35 @@ def test_a_device_that_does_not_answer_gives_504(operator, zk_emulator):
     assert answer.status_code == 504
     answer = operator.get(f"/api/devices/{device.pk}/users/")
     assert answer.status_code == 504 and "did not answer" in answer.json()["detail"]
+
+
+def test_actions_on_a_device_being_polled_answer_409_without_connecting(operator, zk_emulator):
+    emulator = zk_emulator(small_state(), clock_offset=-3600)
+    device = DeviceFactory(port=emulator.port)
+    until = ingest.device_lease_claim(device_id=device.pk, lease=datetime.timedelta(minutes=5))
+    busy = (
+        "device busy: a poll is in progress (or another session with the device), try again in 30 s"
+    )
+
+    for action in ("poll", "test", "sync_time"):
+        answer = operator.post(f"/api/devices/{device.pk}/{action}/?wait=true")
+        assert answer.status_code == 409, action
+        body = answer.json()
+        assert (body.get("error") or body.get("detail")) == busy, action
+        assert body.get("busy", True) is True
+    answer = operator.get(f"/api/devices/{device.pk}/users/")
+    assert answer.status_code == 409 and answer.json()["detail"] == busy
+    answer = operator.post(f"/api/devices/{device.pk}/users/", {"user_id": "7"}, format="json")
+    assert answer.status_code == 409 and answer.json()["detail"] == busy
+
+    assert emulator.connects == 0
+    assert not RawAttendance.objects.filter(device=device).exists()
+    assert emulator.device_now() < datetime.datetime.now() - datetime.timedelta(minutes=59)
+    ingest.device_lease_release(device_id=device.pk, until=until)
+    answer = operator.post(f"/api/devices/{device.pk}/sync_time/?wait=true")
+    assert answer.status_code == 200, answer.content
+    assert emulator.connects == 1
+    assert Device.objects.get(pk=device.pk).poll_lease_until is None
 
 
 def test_poll_all_with_wait_answers_each_enabled_devices_result(operator, zk_emulator):

@@ -11,8 +11,8 @@ from auditlog.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
-from core.api.csv import cell
 from core.audit import AuditEntry, audit_record
+from core.csv_export import cell
 from core.models import Device, ProcessedAttendance
 from core.tests.factories import DeviceFactory, EmployeeFactory
 
@@ -352,12 +352,18 @@ def test_timesheet_permission_opens_no_page_of_a_single_day(login, client, days)
     assert client.get(f"/admin/core/processedattendance/{day.pk}/change/").status_code == 403
 
 
-def test_timesheet_page_opens_on_this_month(login, client, days):
-    login("core.view_timesheet")
-    with time_machine.travel(datetime.datetime(2026, 11, 20, 12, tzinfo=UTC), tick=False):
+def test_timesheet_page_opens_on_this_month_in_the_company_zone(login, client, days, settings):
+    settings.COMPANY_TIMEZONE = "America/Los_Angeles"
+    # 1 December 03:00 UTC is still 30 November, 19:00, in Los Angeles.
+    with time_machine.travel(datetime.datetime(2026, 12, 1, 3, tzinfo=UTC), tick=False):
+        login("core.view_timesheet")
         page = timesheet_page(client)
     assert page.status_code == 200
-    assert page.context["form"].cleaned_data["start_date"] == datetime.date(2026, 11, 1)
+    period = page.context["form"].cleaned_data
+    assert (period["start_date"], period["end_date"]) == (
+        datetime.date(2026, 11, 1),
+        datetime.date(2026, 11, 30),
+    )
     assert "Ann Lee" in page.content.decode()
 
 
@@ -384,14 +390,20 @@ def test_timesheet_csv_download_streams_the_same_rows_as_the_api(login, client, 
     assert [list(row) for row in rows] == [list(row) for row in api]
     assert [row["user_id"] for row in rows] == ["2001", "2002"]
     assert rows[0]["missing_clock_outs"] == "1" and rows[0]["worked"] == "9:00"
+    api_csv = client.get(TIMESHEET, {**params, "format": "csv"})
+    assert text == b"".join(api_csv.streaming_content).decode()
 
 
-def test_timesheet_csv_neutralises_a_name_a_spreadsheet_would_run(login, client):
-    EmployeeFactory(user_id="3001", name="=HYPERLINK(1)")
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_timesheet_csv_download_neutralises_a_name_a_spreadsheet_would_run(login, client, start):
+    EmployeeFactory(user_id="3001", name=f"{start}HYPERLINK(1)")
     make_day("3001", 2)
+    make_day("3002", 2)  # no employee row: no name
     login("core.view_timesheet")
     response = timesheet_page(
         client, start_date="2026-11-01", end_date="2026-11-30", download="csv"
     )
     text = b"".join(response.streaming_content).decode()
-    assert "'=HYPERLINK(1)" in text
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [row["name"] for row in rows] == [f"'{start}HYPERLINK(1)", ""]
+    assert rows[0]["worked"] == "9:00"

@@ -271,6 +271,41 @@ def test_processing_runs_record_nothing(worked_day):
     assert entries() == []
 
 
+def observed_facts(device: Device) -> dict:
+    """A new value for each of Device.OBSERVED_FIELDS, of the field's type."""
+    moment = datetime.datetime(2026, 11, 2, 9, tzinfo=UTC)
+    by_type = {
+        "CharField": "ZK-2",
+        "TextField": "timed out",
+        "PositiveIntegerField": 7,
+        "FloatField": 1.5,
+        "DateTimeField": moment,
+    }
+    facts = {}
+    for name in Device.OBSERVED_FIELDS:
+        value = by_type[device._meta.get_field(name).get_internal_type()]
+        assert getattr(device, name) != value
+        facts[name] = value
+    return facts
+
+
+def test_a_save_of_the_facts_a_poll_observes_records_nothing(worked_day):
+    device = Device.objects.get()
+    before = {name: getattr(device, name) for name in Device.OBSERVED_FIELDS}
+    for name, value in observed_facts(device).items():
+        setattr(device, name, value)
+    device.save(update_fields=Device.OBSERVED_FIELDS)
+    assert entries() == []
+
+    # Back to the facts before, with a field a person sets: recorded, that field only.
+    for name, value in before.items():
+        setattr(device, name, value)
+    device.name = "Back door"
+    device.save()
+    [entry] = entries()
+    assert set(entry.changes) == {"name"}
+
+
 def test_a_failing_change_records_nothing(worked_day, django_user_model):
     hr = django_user_model.objects.create_user("hr")
     with pytest.raises(ValueError):

@@ -14,9 +14,17 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from core.ingest import device_poll, device_sync_time, device_test, devices_poll
+from core.ingest import (
+    DeviceBusy,
+    device_lease_claim,
+    device_poll,
+    device_sync_time,
+    device_test,
+    devices_poll,
+)
 from core.models import Device, Employee, RawAttendance
 from core.tests.factories import DeviceFactory, EmployeeFactory
+from core.zk.client import DeviceError
 from core.zk.emulator import DeviceState, ZKEmulator
 
 pytestmark = pytest.mark.django_db
@@ -613,6 +621,59 @@ def test_sync_time_sets_the_device_clock_to_now_in_its_zone():
     assert abs(report.clock_drift_seconds) < 5
 
 
+def test_test_and_sync_time_of_a_device_being_polled_report_busy_without_connecting():
+    with emulated(state_with([]), emulator={"clock_offset": -3600}) as (emu, device):
+        device_lease_claim(device_id=device.pk, lease=datetime.timedelta(seconds=20))
+
+        report = device_test(device=device)
+        with pytest.raises(DeviceBusy) as busy:
+            device_sync_time(device=device)
+
+        assert emu.connects == 0
+        assert emu.device_now() < datetime.datetime.now() - datetime.timedelta(minutes=59)
+    assert not report.ok and report.busy
+    # The lease ends in 20 s: sooner than the usual 30 s wait.
+    assert report.error == str(busy.value)
+    assert str(busy.value) == (
+        "device busy: a poll is in progress (or another session with the device), try again in 20 s"
+    )
+    assert busy.value.retry_in == 20
+
+
+def expired_lease(device: Device) -> None:
+    """The lease a worker that died left behind: over, but still on the row."""
+    Device.objects.filter(pk=device.pk).update(
+        poll_lease_until=timezone.now() - datetime.timedelta(seconds=1)
+    )
+
+
+def test_test_and_sync_time_take_the_lease_and_give_it_back():
+    with emulated(state_with([]), emulator={"clock_offset": -3600}) as (emu, device):
+        expired_lease(device)
+        report = device_test(device=device)
+        assert report.ok and not report.busy
+        assert Device.objects.get(pk=device.pk).poll_lease_until is None
+
+        expired_lease(device)
+        device_sync_time(device=device)
+        assert Device.objects.get(pk=device.pk).poll_lease_until is None
+        assert emu.connects == 2
+        assert abs((emu.device_now() - datetime.datetime.now()).total_seconds()) < 5
+
+
+def test_test_and_sync_time_give_the_lease_back_when_the_device_fails():
+    device = DeviceFactory(port=free_port(), timeout_seconds=1)
+    expired_lease(device)
+    report = device_test(device=device)
+    assert "refused the connection" in report.error and not report.busy
+    assert Device.objects.get(pk=device.pk).poll_lease_until is None
+
+    expired_lease(device)
+    with pytest.raises(DeviceError, match="refused the connection"):
+        device_sync_time(device=device)
+    assert Device.objects.get(pk=device.pk).poll_lease_until is None
+
+
 # --- Commands ----------------------------------------------------------------------------
 
 
@@ -668,6 +729,18 @@ def test_test_device_command_shows_counts_against_capacity(capsys):
     assert "Lobby (127.0.0.1:" in out and "OK" in out
     assert "serial number  EMU-TEST" in out
     assert "records        8 of" in out
+
+
+def test_test_device_command_does_not_contact_a_device_being_polled(capsys):
+    with emulated(state_with(day_punches(8)), name="Lobby") as (emu, device):
+        device_lease_claim(device_id=device.pk, lease=datetime.timedelta(minutes=5))
+        with pytest.raises(CommandError, match="1 of 1 device.s. were busy with a poll"):
+            call_command("test_device", "Lobby")
+        assert emu.connects == 0
+    out = capsys.readouterr().out
+    assert "Lobby (127.0.0.1:" in out
+    assert "NOT TESTED: device busy: a poll is in progress" in out
+    assert "try again in 30 s" in out
 
 
 def test_employees_are_not_duplicated_across_devices():

@@ -940,6 +940,62 @@ def test_admin_list_filters_searches_and_shows_reasons(door, hr_client):
         assert hr_client.get(url, params).status_code == 200
 
 
+# Days around the turn of May to June 2026 (1 June is a Monday), and two moments
+# when the date in UTC is not the company's, so a period counted from the UTC
+# date selects other days.
+PERIOD_DAYS = [
+    datetime.date(2026, month, number)
+    for month, number in [(4, 1), (4, 30), (5, 1), (5, 17), (5, 18), (5, 24), (5, 25)]
+    + [(5, 29), (5, 30), (5, 31), (6, 1), (6, 2)]
+]
+MAY_31, JUNE_1 = datetime.date(2026, 5, 31), datetime.date(2026, 6, 1)
+KOLKATA_MONDAY = datetime.datetime(2026, 5, 31, 20, tzinfo=UTC)  # Monday 1 June, 01:30 there
+LOS_ANGELES_SUNDAY = datetime.datetime(2026, 6, 1, 3, tzinfo=UTC)  # Sunday 31 May, 20:00 there
+
+
+@pytest.mark.parametrize(
+    ("zone", "now", "period", "span"),
+    [
+        pytest.param("Asia/Kolkata", KOLKATA_MONDAY, period, span, id=f"Kolkata-{period}")
+        for period, span in [
+            ("yesterday", (MAY_31, MAY_31)),
+            ("this_week", (JUNE_1, JUNE_1)),
+            ("last_week", (datetime.date(2026, 5, 25), MAY_31)),
+            ("this_month", (JUNE_1, JUNE_1)),
+            ("last_month", (datetime.date(2026, 5, 1), MAY_31)),
+        ]
+    ]
+    + [
+        pytest.param(
+            "America/Los_Angeles", LOS_ANGELES_SUNDAY, period, span, id=f"Los_Angeles-{period}"
+        )
+        for period, span in [
+            ("yesterday", (datetime.date(2026, 5, 30), datetime.date(2026, 5, 30))),
+            ("this_week", (datetime.date(2026, 5, 25), MAY_31)),
+            ("last_week", (datetime.date(2026, 5, 18), datetime.date(2026, 5, 24))),
+            ("this_month", (datetime.date(2026, 5, 1), MAY_31)),
+            ("last_month", (datetime.date(2026, 4, 1), datetime.date(2026, 4, 30))),
+        ]
+    ],
+)
+def test_admin_period_filter_counts_from_today_in_the_company_zone(
+    client, hr_user, settings, zone, now, period, span
+):
+    settings.COMPANY_TIMEZONE = zone
+    ProcessedAttendance.objects.bulk_create(
+        ProcessedAttendance(user_id="1001", work_date=work_date) for work_date in PERIOD_DAYS
+    )
+
+    with time_machine.travel(now, tick=False):
+        client.force_login(hr_user)
+        response = client.get(
+            reverse("admin:core_processedattendance_changelist"), {"range": period}
+        )
+
+    shown = {row.work_date for row in response.context["cl"].result_list}
+    assert shown == {work_date for work_date in PERIOD_DAYS if span[0] <= work_date <= span[1]}
+
+
 def test_admin_edit_marks_the_day_manual_and_records_who(door, hr_client, hr_user):
     store(door, "1001", "2026-11-02 08:00")
     attendance_process()

@@ -20,7 +20,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from core import status
-from core.models import Employee, ProcessedAttendance, PunchDelivery, RawAttendance
+from core.models import Device, Employee, ProcessedAttendance, PunchDelivery, RawAttendance
 from core.processing import attendance_mark_reviewed, attendance_process
 from core.tests.factories import DeviceFactory
 from core.tests.test_settings import PROJECT
@@ -46,6 +46,7 @@ def company(settings):
     settings.DEVICE_DEFAULT_TIMEZONE = "Pacific/Auckland"
     settings.MAX_SHIFT_HOURS = 16
     settings.POLL_INTERVAL_MINUTES = 5
+    settings.DEVICE_OVERDUE_MINUTES = 15
     settings.CLOCK_DRIFT_ALERT_SECONDS = 300
     settings.DEVICE_LOG_FULL_ALERT_PERCENT = 90
     settings.CRM_PUNCHES_URL = ""
@@ -272,6 +273,15 @@ def test_marking_days_reviewed_takes_them_off_the_page(review_days, django_user_
 # --- Devices ---------------------------------------------------------------------------
 
 
+def added(name: str, *, minutes_ago: float, **fields):
+    """A device added to the bridge this long ago (created_at is set on save, so set it after)."""
+    device = DeviceFactory(name=name, **fields)
+    Device.objects.filter(pk=device.pk).update(
+        created_at=NOW - datetime.timedelta(minutes=minutes_ago)
+    )
+    return device
+
+
 @pytest.fixture
 def devices():
     recent = NOW - datetime.timedelta(minutes=4)
@@ -285,14 +295,16 @@ def devices():
             consecutive_failures=2,
             last_error="did not answer within 5 s",
         ),
-        # Three poll intervals of 5 minutes: 15 minutes and a second ago.
+        # DEVICE_OVERDUE_MINUTES is 15: 15 minutes and a second ago.
         "overdue": DeviceFactory(
             name="Overdue", last_success_at=NOW - datetime.timedelta(minutes=15, seconds=1)
         ),
         "just_in_time": DeviceFactory(
             name="Just in time", last_success_at=NOW - datetime.timedelta(minutes=15)
         ),
-        "never_polled": DeviceFactory(name="Never polled"),
+        # Never polled: overdue once added longer ago than DEVICE_OVERDUE_MINUTES.
+        "never_polled": added("Never polled", minutes_ago=16),
+        "just_added": added("Just added", minutes_ago=14),
         "full": DeviceFactory(
             name="Full", last_success_at=recent, record_count=90_000, record_capacity=100_000
         ),
@@ -319,7 +331,7 @@ def devices():
 def test_device_figures_count_down_overdue_full_and_drifting_enabled_devices(devices):
     health = status.status_read(sections={status.DEVICES}).devices
     assert (health.enabled, health.down, health.overdue, health.log_full, health.drift) == (
-        10,
+        11,
         1,
         2,
         1,
@@ -353,6 +365,31 @@ def test_device_links_list_exactly_the_devices_counted(admin_client, devices):
     assert "clock 60 minutes behind" in page
     assert "clock 5 minutes ahead" in page
     assert reverse("admin:core_device_change", args=[devices["full"].pk]) in page
+
+
+def test_the_status_page_and_health_count_the_same_overdue_devices(admin_client, settings):
+    # Three poll intervals would be 15 minutes; the operator asked for 40.
+    settings.DEVICE_OVERDUE_MINUTES = 40
+    minutes = datetime.timedelta(minutes=1)
+    expected = {
+        added("Stale", minutes_ago=600, last_success_at=NOW - 41 * minutes),
+        added("Never polled, added long ago", minutes_ago=41),
+    }
+    added("Late but within 40 minutes", minutes_ago=600, last_success_at=NOW - 39 * minutes)
+    added("Never polled, added recently", minutes_ago=39)
+    added("Just added", minutes_ago=0)
+    added("Switched off", minutes_ago=600, enabled=False, last_success_at=NOW - 600 * minutes)
+
+    page = index(admin_client)
+    link, number = figure(page, "Overdue for a successful poll")
+    assert number == len(expected)
+    assert "(over 40 min)" in page
+    assert listed(admin_client, link) == {device.pk for device in expected}
+    detail = admin_client.get("/health/").json()["checks"]["devices"]["detail"]
+    assert detail == (
+        "2 device(s) without a successful poll for more than 40 minutes: "
+        "Never polled, added long ago, Stale"
+    )
 
 
 def test_the_log_alert_follows_its_setting(devices, settings):

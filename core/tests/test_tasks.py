@@ -8,6 +8,7 @@ worker and beat run in test_e2e.py."""
 import datetime
 import io
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -176,6 +177,29 @@ def test_the_lease_is_given_back_when_a_poll_fails_unexpectedly(zk_emulator, mon
     assert device.poll_lease_until is None
 
 
+def in_thread(results: dict, key: str, work) -> threading.Thread:
+    """Runs `work` on a thread of its own, as another worker would, into results[key]."""
+
+    def run():
+        try:
+            results[key] = work()
+        finally:
+            from django.db import connection
+
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_concurrent_polls_of_one_device_one_polls_and_one_skips(zk_emulator):
     # Slow replies keep the first poll inside its lease while the second starts.
@@ -183,20 +207,9 @@ def test_two_concurrent_polls_of_one_device_one_polls_and_one_skips(zk_emulator)
     device = device_for(emu)
     results = {}
 
-    def first():
-        try:
-            results["first"] = tasks.poll_device(device.pk)
-        finally:
-            from django.db import connection
-
-            connection.close()
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not Device.objects.filter(pk=device.pk, poll_lease_until__isnull=False).exists():
-        assert time.monotonic() < deadline, "the first poll never took the lease"
-        time.sleep(0.01)
+    thread = in_thread(results, "first", lambda: tasks.poll_device(device.pk))
+    leased = Device.objects.filter(pk=device.pk, poll_lease_until__isnull=False)
+    wait_until(leased.exists, "the first poll never took the lease")
     results["second"] = tasks.poll_device(device.pk)
     thread.join(timeout=30)
 
@@ -205,6 +218,115 @@ def test_two_concurrent_polls_of_one_device_one_polls_and_one_skips(zk_emulator)
     assert results["first"]["ok"] is True and results["first"]["new"] == 20
     assert emu.enable_log.count("disable") == 1  # one download, by one worker
     assert RawAttendance.objects.filter(device=device).count() == 20
+
+
+@pytest.fixture
+def retries():
+    """The retries tasks ask for (celery's task_retry signal): (task name, countdown)."""
+    from celery.signals import task_retry
+
+    seen = []
+
+    def record(sender=None, reason=None, **_):
+        seen.append((sender.name, reason.when))
+
+    task_retry.connect(record, weak=False)
+    yield seen
+    task_retry.disconnect(record)
+
+
+@pytest.mark.parametrize("task", [tasks.test_device, tasks.sync_device_time])
+def test_test_and_sync_time_tasks_retry_while_a_poll_holds_the_device(zk_emulator, retries, task):
+    emu = zk_emulator(small_state("HELD"), clock_offset=-3600)
+    device = device_for(emu)
+    ingest.device_lease_claim(device_id=device.pk, lease=LEASE)
+
+    # Eagerly, each retry runs at once: the lease is still held at the last.
+    answer = task.apply(args=[device.pk])
+
+    assert answer.state == "SUCCESS"  # busy to the end, not failed
+    assert answer.result["busy"] is True
+    assert answer.result["error"].startswith("device busy: a poll is in progress")
+    tries = math.ceil(ingest.poll_lease().total_seconds() / ingest.DEVICE_BUSY_RETRY_SECONDS) + 1
+    assert retries == [(task.name, ingest.DEVICE_BUSY_RETRY_SECONDS)] * tries
+    assert emu.connects == 0
+    assert emu.device_now() < datetime.datetime.now() - datetime.timedelta(minutes=59)
+
+
+def test_test_and_sync_time_tasks_run_on_a_free_device_and_give_the_lease_back(
+    zk_emulator, retries
+):
+    emu = zk_emulator(small_state("FREE"), clock_offset=-3600)
+    device = device_for(emu)
+    # A dead worker's lease, over: taken over, then given back.
+    Device.objects.filter(pk=device.pk).update(
+        poll_lease_until=timezone.now() - datetime.timedelta(seconds=1)
+    )
+
+    report = tasks.test_device.apply(args=[device.pk]).result
+    assert report["ok"] is True and report["identity"]["serial_number"] == "FREE"
+    assert Device.objects.get(pk=device.pk).poll_lease_until is None
+
+    Device.objects.filter(pk=device.pk).update(
+        poll_lease_until=timezone.now() - datetime.timedelta(seconds=1)
+    )
+    synced = tasks.sync_device_time.apply(args=[device.pk]).result
+    assert synced["device_id"] == device.pk and "set_to" in synced
+    assert Device.objects.get(pk=device.pk).poll_lease_until is None
+    assert abs((emu.device_now() - datetime.datetime.now()).total_seconds()) < 5
+    assert retries == [] and emu.connects == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_poll_is_skipped_while_a_connection_test_talks_to_the_device(zk_emulator):
+    # Slow replies keep the test inside its session while the poll starts.
+    emu = zk_emulator(small_state("TESTING"), delay_ms=150)
+    device = device_for(emu)
+    results = {}
+
+    thread = in_thread(results, "test", lambda: tasks.test_device(device.pk))
+    wait_until(lambda: emu.connects, "the test never connected")
+    results["poll"] = tasks.poll_device(device.pk)
+    thread.join(timeout=30)
+
+    assert not thread.is_alive()
+    assert results["test"]["ok"] is True
+    assert results["poll"]["busy"] is True
+    assert emu.connects == 1 and emu.enable_log == []  # the poll never connected
+    assert not RawAttendance.objects.filter(device=device).exists()
+    assert Device.objects.get(pk=device.pk).poll_lease_until is None
+
+
+@pytest.mark.parametrize(
+    "action, done",
+    [("test_connection", "Lobby: OK"), ("sync_clock", "Lobby: clock set to")],
+)
+def test_test_connection_and_sync_clock_in_the_admin_wait_for_a_poll(
+    admin_client, zk_emulator, action, done
+):
+    emu = zk_emulator(small_state("ADMHELD"))
+    device = device_for(emu, name="Lobby")
+    until = ingest.device_lease_claim(device_id=device.pk, lease=LEASE)
+
+    def run():
+        response = admin_client.post(
+            reverse("admin:core_device_changelist"),
+            {"action": action, "_selected_action": [device.pk]},
+            follow=True,
+        )
+        (message,) = list(response.context["messages"])
+        return message
+
+    busy = run()
+    assert busy.level_tag == "warning"
+    assert busy.message.startswith("Lobby: device busy: a poll is in progress")
+    assert "try again in 30 s" in busy.message
+    assert emu.connects == 0
+
+    ingest.device_lease_release(device_id=device.pk, until=until)
+    assert run().message.startswith(done)
+    assert emu.connects == 1
+    assert Device.objects.get(pk=device.pk).poll_lease_until is None
 
 
 # --- The chain: poll → process → deliver -----------------------------------------------

@@ -8,7 +8,8 @@ from core.api.serializers import DeviceErrorSerializer, ErrorSerializer
 WAIT = OpenApiParameter(
     "wait",
     bool,
-    description="true: run now and answer the result (502/504 when the device fails); "
+    description="true: run now and answer the result (502/504 when the device fails, 409 "
+    "when a poll of it is in progress); "
     "false (default): queue a task and answer 202 with its id.",
 )
 
@@ -26,6 +27,11 @@ DEVICE_FAILED = OpenApiResponse(
 DEVICE_TIMEOUT = OpenApiResponse(
     DeviceErrorSerializer, description="The device did not answer in time."
 )
+DEVICE_BUSY_TEXT = (
+    "The device is busy: a poll of it (or another session with it) is in progress, and "
+    "nothing was sent to it; the error says in how many seconds to try again."
+)
+DEVICE_BUSY = OpenApiResponse(DeviceErrorSerializer, description=DEVICE_BUSY_TEXT)
 
 THROTTLED = OpenApiResponse(
     ErrorSerializer, description="Too many requests (API_THROTTLE_RATE): wait and retry."
@@ -35,7 +41,7 @@ READ_ERRORS = {401: UNAUTHENTICATED, 403: FORBIDDEN, 429: THROTTLED}
 LIST_ERRORS = {400: BAD_REQUEST, **READ_ERRORS}
 DETAIL_ERRORS = {**READ_ERRORS, 404: NOT_FOUND}
 WRITE_ERRORS = {400: BAD_REQUEST, **DETAIL_ERRORS}
-DEVICE_ERRORS = {502: DEVICE_FAILED, 504: DEVICE_TIMEOUT}
+DEVICE_ERRORS = {409: DEVICE_BUSY, 502: DEVICE_FAILED, 504: DEVICE_TIMEOUT}
 
 
 def wait_requested(request) -> bool:

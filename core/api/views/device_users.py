@@ -18,7 +18,13 @@ from core.api.serializers import (
     ErrorSerializer,
     ImportResultSerializer,
 )
-from core.api.views.common import DETAIL_ERRORS, DEVICE_ERRORS, DEVICE_ID, WRITE_ERRORS
+from core.api.views.common import (
+    DETAIL_ERRORS,
+    DEVICE_BUSY_TEXT,
+    DEVICE_ERRORS,
+    DEVICE_ID,
+    WRITE_ERRORS,
+)
 from core.audit import AuditEntry, audit_record, device_user_entry
 from core.models import Device
 
@@ -33,7 +39,7 @@ PUSH_ANSWERS = {
     409: OpenApiResponse(
         ErrorSerializer,
         description="A pushing clock that cannot take commands yet: it has never called "
-        "the bridge, or it is waiting for approval.",
+        "the bridge, or it is waiting for approval. " + DEVICE_BUSY_TEXT,
     ),
 }
 
@@ -79,9 +85,9 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         responses={
             200: DeviceUserSerializer,
             201: DeviceUserSerializer,
-            **PUSH_ANSWERS,
             **WRITE_ERRORS,
             **DEVICE_ERRORS,
+            **PUSH_ANSWERS,
         },
     )
     def create(self, request, device_pk=None):
@@ -114,10 +120,10 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         ],
         responses={
             204: None,
-            **PUSH_ANSWERS,
             400: WRITE_ERRORS[400],
             **DETAIL_ERRORS,
             **DEVICE_ERRORS,
+            **PUSH_ANSWERS,
         },
     )
     def destroy(self, request, device_pk=None, user_id=None):
@@ -144,7 +150,7 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
         "the import before anything is written or queued (400, keyed by position in the list).",
         parameters=[DEVICE_ID],
         request=DeviceUserImportSerializer,
-        responses={200: ImportResultSerializer, **PUSH_ANSWERS, **WRITE_ERRORS, **DEVICE_ERRORS},
+        responses={200: ImportResultSerializer, **WRITE_ERRORS, **DEVICE_ERRORS, **PUSH_ANSWERS},
     )
     def import_users(self, request, device_pk=None):
         device = self._device()

@@ -86,10 +86,11 @@ class DeviceViewSet(viewsets.ModelViewSet):
         device = self.get_object()
         if not wait_requested(request):
             return _queued(tasks.poll_device.delay(device.pk))
-        result = ingest.device_poll(device=device)
+        result = ingest.device_poll_guarded(device=device)
         answer = dataclasses.asdict(result)
         if not result.ok:
-            return Response(answer, status=device_error_status(timed_out=result.timed_out))
+            status_code = device_error_status(timed_out=result.timed_out, busy=result.busy)
+            return Response(answer, status=status_code)
         return Response(answer)
 
     @_device_action("core.test_device", DeviceReportSerializer, "Test the connection")
@@ -101,7 +102,8 @@ class DeviceViewSet(viewsets.ModelViewSet):
         report = ingest.device_test(device=device)
         answer = dataclasses.asdict(report)
         if not report.ok:
-            return Response(answer, status=device_error_status(timed_out=report.timed_out))
+            status_code = device_error_status(timed_out=report.timed_out, busy=report.busy)
+            return Response(answer, status=status_code)
         return Response(answer)
 
     @_device_action("core.sync_device_clock", ClockSetSerializer, "Set the device clock")

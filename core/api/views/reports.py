@@ -5,8 +5,9 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, serializers, viewsets
 from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 
-from core.api.csv import CSVRenderer, csv_response
+from core.api.csv import CSVRenderer
 from core.api.views.common import LIST_ERRORS
+from core.csv_export import csv_response
 from core.reports import TIMESHEET_COLUMNS, timesheet_build
 
 TIMESHEET_PERMS = ["core.view_timesheet"]

@@ -13,7 +13,7 @@ def _count(used: int, capacity: int) -> str:
 class Command(BaseCommand):
     help = (
         "Connects to devices and shows serial, firmware, counts and clock drift; changes "
-        "nothing. Runs with the server's own rights, like the admin's Test connection "
+        "nothing. A device a worker is polling is not contacted (busy). Runs with the server's own rights, like the admin's Test connection "
         "(permission core.test_device)."
     )
 
@@ -38,10 +38,14 @@ class Command(BaseCommand):
             if missing:
                 raise CommandError(f"No device named {', '.join(map(repr, missing))}.")
             devices = [found[name] for name in names]
-        failures = 0
+        failures = busy = 0
         for device in devices:
             report = device_test(device=device)
             where = f"{device.name} ({device.ip_address}:{device.port} {device.protocol.upper()})"
+            if report.busy:
+                busy += 1
+                self.stdout.write(self.style.WARNING(f"{where}: NOT TESTED: {report.error}"))
+                continue
             if not report.ok:
                 failures += 1
                 self.stdout.write(self.style.ERROR(f"{where}: FAILED: {report.error}"))
@@ -54,5 +58,13 @@ class Command(BaseCommand):
             self.stdout.write(f"  users          {_count(sizes.users, sizes.users_capacity)}")
             self.stdout.write(f"  records        {_count(sizes.records, sizes.records_capacity)}")
             self.stdout.write(f"  clock drift    {report.clock_drift_seconds:+.0f} s")
+        problems = []
         if failures:
-            raise CommandError(f"{failures} of {len(devices)} device(s) could not be reached.")
+            problems.append(f"{failures} of {len(devices)} device(s) could not be reached.")
+        if busy:
+            problems.append(
+                f"{busy} of {len(devices)} device(s) were busy with a poll and not tested; "
+                "run this again shortly."
+            )
+        if problems:
+            raise CommandError(" ".join(problems))

@@ -127,6 +127,8 @@ class ZKEmulator:
         if not 2000 <= year <= 2099:
             raise ValueError("clock_offset: the device clock must stay within 2000-2099")
         self.enabled = True
+        # CONNECTs received: the sessions clients opened, over TCP or UDP.
+        self.connects = 0
         # "disable", "enable", "restart" as clients send them, oldest first.
         self.enable_log: list[str] = []
         # punch_during_read: punches made (in the log) and refused while disabled.
@@ -341,6 +343,7 @@ class ZKEmulator:
 
     def _new_session_id(self) -> int:
         with self._lock:
+            self.connects += 1
             self._next_session = self._next_session % 0xFFFF + 1
             return self._next_session
 
