@@ -615,6 +615,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "SyncStateEnum": "core.models.ProcessedAttendance.SyncState",
         "PunchStateEnum": "core.models.RawAttendance.PunchState",
+        "CommandStateEnum": "core.models.DeviceCommand.State",
     },
 }
 

@@ -195,6 +195,12 @@ class DeviceCommandAdmin(admin.ModelAdmin):
     search_fields = ["command"]
     readonly_fields = [f.name for f in DeviceCommand._meta.fields]
 
+    def get_queryset(self, request):
+        # What is read does not wait for a clock to poll: a command whose
+        # time is up reads as failed even when its clock went silent.
+        adms.commands_expire()
+        return super().get_queryset(request)
+
     @admin.display(description="command")
     def short_command(self, command):
         return command.command.replace("\t", " ")[:100]

@@ -576,6 +576,10 @@ def _heartbeat(device: Device, info: str) -> None:
 def commands_expire(*, device: Device | None = None) -> int:
     """Marks commands sent and unanswered for ADMS_COMMAND_TIMEOUT failed.
 
+    Run when a clock polls, and before commands are read (the API, the
+    admin), so that a command for a clock gone silent reads as failed once
+    its time is up, not when some clock polls next.
+
     Idempotent: a conditional UPDATE of sent commands only. Returns how many.
     """
     late = timezone.now() - settings.ADMS_COMMAND_TIMEOUT
@@ -796,6 +800,14 @@ def _user_command(
         "ViceCard": "",
     }
     return "DATA UPDATE USERINFO " + "\t".join(f"{k}={v}" for k, v in fields.items())
+
+
+_PASSWORD_FIELD = re.compile(r"(\tPasswd=)[^\t]+")
+
+
+def command_shown(command: str) -> str:
+    """A command line as people may read it: a user's password as ***."""
+    return _PASSWORD_FIELD.sub(r"\1***", command)
 
 
 def command_text(

@@ -12,7 +12,14 @@ from django_filters import rest_framework as filters
 from rest_framework.exceptions import ValidationError
 from rest_framework.filters import OrderingFilter
 
-from core.models import Device, Employee, ProcessedAttendance, RawAttendance, validate_timezone
+from core.models import (
+    Device,
+    DeviceCommand,
+    Employee,
+    ProcessedAttendance,
+    RawAttendance,
+    validate_timezone,
+)
 
 TRUE_FALSE = [("true", "true"), ("false", "false")]
 # Dates as YYYY-MM-DD only: 02/11/2026 means a different day to different people.
@@ -194,3 +201,11 @@ class DeviceFilter(filters.FilterSet):
     class Meta:
         model = Device
         fields = ["enabled", "protocol"]
+
+
+class DeviceCommandFilter(filters.FilterSet):
+    state = filters.ChoiceFilter(choices=DeviceCommand.State.choices)
+
+    class Meta:
+        model = DeviceCommand
+        fields = ["state"]

@@ -8,8 +8,9 @@ from zoneinfo import ZoneInfo
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from core.adms import command_shown
 from core.device_users import MAX_CARD, MAX_UID, PRIVILEGES, UserInput
-from core.models import Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import Device, DeviceCommand, Employee, ProcessedAttendance, RawAttendance
 
 # --- Shared answers -------------------------------------------------------------------
 
@@ -177,12 +178,41 @@ class CommandsQueuedSerializer(serializers.Serializer):
     command_ids = serializers.ListField(
         child=serializers.IntegerField(),
         help_text="The queued commands' ids, in the order the clock takes them; each "
-        "shows, with its state and the clock's result, under Device commands in the admin.",
+        "one's state and the clock's result: GET /api/devices/{id}/commands/{command_id}/.",
     )
     commands = serializers.ListField(
         child=serializers.CharField(),
         help_text="Each command line as the clock receives it (a password shown as ***).",
     )
+
+
+class DeviceCommandSerializer(serializers.ModelSerializer):
+    """A command queued for a pushing clock, and what the clock answered."""
+
+    command = serializers.SerializerMethodField()
+
+    class Meta:
+        model = DeviceCommand
+        fields = [
+            "id",
+            "command",
+            "state",
+            "return_code",
+            "result",
+            "created_by",
+            "created_at",
+            "sent_at",
+            "answered_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(
+        serializers.CharField(
+            help_text="The command line as the clock receives it (a password shown as ***)."
+        )
+    )
+    def get_command(self, command: DeviceCommand) -> str:
+        return command_shown(command.command)
 
 
 class DeviceUserInputSerializer(serializers.Serializer):

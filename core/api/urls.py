@@ -7,6 +7,7 @@ from rest_framework import routers
 from core.api.views.attendance import ProcessedAttendanceViewSet, RawAttendanceViewSet
 from core.api.views.audit import AuditLogViewSet
 from core.api.views.auth import JWTRefreshView, JWTView, TokenView
+from core.api.views.device_commands import DeviceCommandViewSet
 from core.api.views.device_users import DeviceUserViewSet
 from core.api.views.devices import DeviceViewSet
 from core.api.views.employees import EmployeeViewSet
@@ -34,6 +35,8 @@ router.register("audit-log", AuditLogViewSet, basename="audit-log")
 device_users = DeviceUserViewSet.as_view({"get": "list", "post": "create"})
 device_user = DeviceUserViewSet.as_view({"delete": "destroy"})
 device_users_import = DeviceUserViewSet.as_view({"post": "import_users"})
+device_commands = DeviceCommandViewSet.as_view({"get": "list"})
+device_command = DeviceCommandViewSet.as_view({"get": "retrieve"})
 
 urlpatterns = [
     path("auth/token/", TokenView.as_view(), name="api-token"),
@@ -45,5 +48,7 @@ urlpatterns = [
     path("devices/<int:device_pk>/users/", device_users, name="device-users"),
     path("devices/<int:device_pk>/users/import/", device_users_import, name="device-users-import"),
     path("devices/<int:device_pk>/users/<str:user_id>/", device_user, name="device-user"),
+    path("devices/<int:device_pk>/commands/", device_commands, name="device-commands"),
+    path("devices/<int:device_pk>/commands/<int:pk>/", device_command, name="device-command"),
     *router.urls,
 ]

@@ -49,6 +49,36 @@ def fake_crm():
         crm.stop()
 
 
+class PushClock:
+    """A pushing clock's requests to the receiver (/iclock/), as the clock
+    sends them; each answer is checked to be one the clock acts on."""
+
+    def __init__(self, serial: str):
+        from django.test import Client
+
+        self.serial = serial
+        self.client = Client(REMOTE_ADDR="10.0.0.50")
+
+    def polls(self) -> str:
+        """GET getrequest: the commands the clock receives, or OK."""
+        answer = self.client.get("/iclock/getrequest", {"SN": self.serial})
+        assert answer.status_code == 200
+        return answer.content.decode()
+
+    def reports(self, body: str) -> None:
+        """POST devicecmd: the results of commands, one `ID=..&Return=..&CMD=..` a line."""
+        answer = self.client.post(
+            f"/iclock/devicecmd?SN={self.serial}", data=body.encode(), content_type="text/plain"
+        )
+        assert answer.status_code == 200 and answer.content == b"OK"
+
+
+@pytest.fixture
+def push_clock():
+    """``push_clock(device)``: a PushClock calling as that device's serial number."""
+    return lambda device: PushClock(device.serial_number)
+
+
 # --- REST API ----------------------------------------------------------------------------
 
 

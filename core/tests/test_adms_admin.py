@@ -191,6 +191,26 @@ def test_command_and_rejected_line_pages_are_read_only(staff_client, pushing):
     assert command.command == "INFO"
 
 
+def test_the_command_pages_show_a_command_whose_time_is_up_as_failed_without_a_poll(
+    staff_client, pushing, settings
+):
+    """The clock took the command and went silent: no poll will expire it."""
+    sent_at = timezone.now() - settings.ADMS_COMMAND_TIMEOUT - datetime.timedelta(seconds=1)
+    late = DeviceCommand.objects.create(
+        device=pushing, command="INFO", state=DeviceCommand.State.SENT, sent_at=sent_at
+    )
+    waiting = DeviceCommand.objects.create(
+        device=pushing, command="CHECK", state=DeviceCommand.State.SENT, sent_at=timezone.now()
+    )
+    client = staff_client("core.view_devicecommand")
+    failed = client.get(reverse("admin:core_devicecommand_changelist"), {"state__exact": "failed"})
+    assert [c.pk for c in failed.context["cl"].result_list] == [late.pk]
+    page = client.get(reverse("admin:core_devicecommand_change", args=[late.pk]))
+    assert f"no result within {settings.ADMS_COMMAND_TIMEOUT}" in page.content.decode()
+    waiting.refresh_from_db()
+    assert waiting.state == DeviceCommand.State.SENT
+
+
 def test_a_pushing_device_shows_up_down_records_and_drift_in_the_device_list(
     staff_client, pushing, settings
 ):

@@ -4,7 +4,6 @@ GET /iclock/getrequest, and reads give the bridge's copy of its users."""
 
 import pytest
 from auditlog.models import LogEntry
-from django.test import Client
 from django.utils import timezone
 
 from core.ingest import employees_store
@@ -39,14 +38,9 @@ def pushing():
     return device
 
 
-def next_poll(serial=SN) -> str:
-    """What the clock receives when it asks for commands, through the receiver."""
-    answer = Client(REMOTE_ADDR="10.0.0.50").get("/iclock/getrequest", {"SN": serial})
-    assert answer.status_code == 200
-    return answer.content.decode()
-
-
-def test_adding_a_user_queues_the_command_the_clock_receives_at_its_next_poll(operator, pushing):
+def test_adding_a_user_queues_the_command_the_clock_receives_at_its_next_poll(
+    operator, pushing, push_clock
+):
     answer = operator.post(
         f"/api/devices/{pushing.pk}/users/",
         {"user_id": "2001", "name": "Diana", "privilege": 14, "card": 77, "password": "42"},
@@ -58,7 +52,7 @@ def test_adding_a_user_queues_the_command_the_clock_receives_at_its_next_poll(op
     command = DeviceCommand.objects.get(pk=command_id)
     assert command.device == pushing and command.state == DeviceCommand.State.QUEUED
     assert command.created_by == operator.user.username
-    assert next_poll() == (
+    assert push_clock(pushing).polls() == (
         f"C:{command_id}:DATA UPDATE USERINFO PIN=2001\tName=Diana\tPri=14\tPasswd=42\t"
         "Card=77\tGrp=1\tTZ=0000000000000000\tVerify=0\tViceCard=\n"
     )
@@ -66,24 +60,24 @@ def test_adding_a_user_queues_the_command_the_clock_receives_at_its_next_poll(op
     assert body["commands"] == [command.command.replace("Passwd=42", "Passwd=***")]
     command.refresh_from_db()
     assert command.state == DeviceCommand.State.SENT
-    assert next_poll() == "OK"
+    assert push_clock(pushing).polls() == "OK"
 
 
-def test_deleting_a_user_queues_data_delete_userinfo(operator, pushing):
+def test_deleting_a_user_queues_data_delete_userinfo(operator, pushing, push_clock):
     answer = operator.delete(f"/api/devices/{pushing.pk}/users/1001/")
     assert answer.status_code == 202, answer.content
     [command_id] = answer.json()["command_ids"]
-    assert next_poll() == f"C:{command_id}:DATA DELETE USERINFO PIN=1001\n"
+    assert push_clock(pushing).polls() == f"C:{command_id}:DATA DELETE USERINFO PIN=1001\n"
 
 
-def test_an_import_queues_one_command_per_user_in_list_order(operator, pushing):
+def test_an_import_queues_one_command_per_user_in_list_order(operator, pushing, push_clock):
     users = [{"user_id": "3002", "name": "Cy"}, {"user_id": "3001", "name": "Di", "group_id": "2"}]
     answer = operator.post(
         f"/api/devices/{pushing.pk}/users/import/", {"users": users}, format="json"
     )
     assert answer.status_code == 202, answer.content
     first, second = answer.json()["command_ids"]
-    lines = next_poll().splitlines()
+    lines = push_clock(pushing).polls().splitlines()
     assert [line.split("\t")[0] for line in lines] == [
         f"C:{first}:DATA UPDATE USERINFO PIN=3002",
         f"C:{second}:DATA UPDATE USERINFO PIN=3001",
@@ -214,14 +208,7 @@ def test_a_polled_clock_that_also_pushes_is_still_written_live(operator, zk_emul
     assert not DeviceCommand.objects.exists()
 
 
-def clock_reports(body: str, serial=SN):
-    answer = Client(REMOTE_ADDR="10.0.0.50").post(
-        f"/iclock/devicecmd?SN={serial}", data=body.encode(), content_type="text/plain"
-    )
-    assert answer.status_code == 200 and answer.content == b"OK"
-
-
-def test_the_bridges_copy_follows_the_commands_the_clock_carried_out(operator, pushing):
+def test_the_bridges_copy_follows_the_commands_the_clock_carried_out(operator, pushing, push_clock):
     url = f"/api/devices/{pushing.pk}/users/"
     [added] = operator.post(url, {"user_id": "2001", "name": "Eva"}, format="json").json()[
         "command_ids"
@@ -230,10 +217,10 @@ def test_the_bridges_copy_follows_the_commands_the_clock_carried_out(operator, p
     [refused] = operator.post(url, {"user_id": "2002", "name": "Fay"}, format="json").json()[
         "command_ids"
     ]
-    next_poll()
+    push_clock(pushing).polls()
     # Queued or sent is not done: the copy is unchanged.
     assert [u["user_id"] for u in operator.get(url).json()["results"]] == ["1001"]
-    clock_reports(
+    push_clock(pushing).reports(
         f"ID={added}&Return=0&CMD=DATA\nID={removed}&Return=0&CMD=DATA\n"
         f"ID={refused}&Return=-1&CMD=DATA\n"
     )

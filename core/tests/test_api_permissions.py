@@ -7,7 +7,7 @@ import pytest
 from auditlog.models import LogEntry
 from django.contrib.auth.models import Group, Permission
 
-from core.models import Device, Employee, ProcessedAttendance, RawAttendance
+from core.models import Device, DeviceCommand, Employee, ProcessedAttendance, RawAttendance
 from core.tests.factories import DeviceFactory, EmployeeFactory, RawAttendanceFactory
 from core.zk.emulator import DeviceState, UserRecord
 
@@ -22,6 +22,8 @@ EVERYONE = {"HR", "Operators", "CRM", "viewer"}
 # core.view_timesheet is one of the view permissions the viewer holds.
 TIMESHEET_READERS = {"HR", "viewer"}
 AUDIT_LOG_READERS = {"HR", "Operators"}
+# core.view_devicecommand, which HR does not hold.
+COMMAND_READERS = {"Operators", "viewer"}
 # A method the endpoint does not offer: 405 for anyone logged in, 401 for anonymous.
 NOT_OFFERED = None
 
@@ -45,12 +47,21 @@ def world(zk_emulator):
         punch_count=2,
         worked=datetime.timedelta(hours=9),
     )
-    return {"device": device, "spare": spare, "employee": employee, "punch": punch, "day": day}
+    command = DeviceCommand.objects.create(device=device, command="INFO")
+    return {
+        "device": device,
+        "spare": spare,
+        "employee": employee,
+        "punch": punch,
+        "day": day,
+        "command": command,
+    }
 
 
 def endpoints(w) -> list[tuple[str, str, dict | None, set[str]]]:
     """(method, url, body, the roles allowed)."""
     d, e, p, day = w["device"].pk, w["employee"].pk, w["punch"].pk, w["day"].pk
+    commands = f"/api/devices/{d}/commands/"
     new_device = {"name": "New", "ip_address": "127.0.0.2", "timezone": "UTC"}
     correction = {"clock_in": "2026-11-02T07:30:00Z", "clock_out": "2026-11-02T16:00:00Z"}
     return [
@@ -78,6 +89,13 @@ def endpoints(w) -> list[tuple[str, str, dict | None, set[str]]]:
             {"users": [{"user_id": "1003"}]},
             {"Operators"},
         ),
+        ("get", commands, None, COMMAND_READERS),
+        ("get", f"{commands}?state=queued", None, COMMAND_READERS),
+        ("get", f"{commands}{w['command'].pk}/", None, COMMAND_READERS),
+        ("options", commands, None, COMMAND_READERS),
+        ("post", commands, {"command": "REBOOT"}, NOT_OFFERED),
+        ("delete", f"{commands}{w['command'].pk}/", None, NOT_OFFERED),
+        ("patch", f"{commands}{w['command'].pk}/", {"state": "done"}, NOT_OFFERED),
         ("get", "/api/employees/", None, READERS),
         ("get", f"/api/employees/{e}/", None, READERS),
         ("patch", f"/api/employees/{e}/", {"name": "Ana Maria"}, {"HR"}),
@@ -147,6 +165,8 @@ def test_each_role_may_call_exactly_the_endpoints_its_permissions_allow(
         if not fine:
             wrong.append(f"{method.upper()} {url}: {answer.status_code} (allowed: {expected_ok})")
     assert wrong == []
+    # No method writes a command.
+    assert list(DeviceCommand.objects.values_list("command", "state")) == [("INFO", "queued")]
     if role != "Operators":
         # Denied writes changed nothing and queued nothing.
         assert celery_sent == []

@@ -13,6 +13,8 @@ WAIT = OpenApiParameter(
     "false (default): queue a task and answer 202 with its id.",
 )
 
+DEVICE_ID = OpenApiParameter("device_pk", int, OpenApiParameter.PATH, description="Device id.")
+
 BAD_REQUEST = OpenApiResponse(
     description="Bad input: each offending parameter or field with what was wrong."
 )

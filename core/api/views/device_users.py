@@ -2,15 +2,13 @@
 a clock that pushes, its users as the bridge knows them and commands queued
 for it (core.device_users decides which)."""
 
-import re
-
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.response import Response
 
-from core import device_users
+from core import adms, device_users
 from core.api.serializers import (
     CommandsQueuedSerializer,
     DeviceUserImportSerializer,
@@ -20,7 +18,13 @@ from core.api.serializers import (
     ErrorSerializer,
     ImportResultSerializer,
 )
-from core.api.views.common import DETAIL_ERRORS, DEVICE_BUSY_TEXT, DEVICE_ERRORS, WRITE_ERRORS
+from core.api.views.common import (
+    DETAIL_ERRORS,
+    DEVICE_BUSY_TEXT,
+    DEVICE_ERRORS,
+    DEVICE_ID,
+    WRITE_ERRORS,
+)
 from core.audit import AuditEntry, audit_record, device_user_entry
 from core.models import Device
 
@@ -38,8 +42,6 @@ PUSH_ANSWERS = {
         "the bridge, or it is waiting for approval. " + DEVICE_BUSY_TEXT,
     ),
 }
-PASSWORD = re.compile(r"(\tPasswd=)[^\t]+")
-DEVICE_ID = OpenApiParameter("device_pk", int, OpenApiParameter.PATH, description="Device id.")
 
 
 class DeviceUserViewSet(viewsets.GenericViewSet):
@@ -196,7 +198,7 @@ def _queued(request, action: str, device: Device, result, **details) -> Response
     _audit(request, action, device, entries)
     data = {
         "command_ids": [c.pk for c in result.commands],
-        "commands": [PASSWORD.sub(r"\1***", c.command) for c in result.commands],
+        "commands": [adms.command_shown(c.command) for c in result.commands],
     }
     return Response(CommandsQueuedSerializer(data).data, status=status.HTTP_202_ACCEPTED)
 
