@@ -300,6 +300,11 @@ def main() -> None:
         f"{best['claims']:.2f} s + bookings {best['bookings']:.2f} s = {floor:.2f} s; "
         f"half the ceiling leaves a whole run 2 × (b) = {2 * best['b']:.2f} s"
     )
+    print(
+        "    these writes alone take longer than the target allows a whole run"
+        if floor > 2 * best["b"]
+        else "    these writes fit within what the target allows a whole run"
+    )
 
     make_all_pending()
     bumped = bump(3)

@@ -10,6 +10,7 @@ import datetime
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.db.models import Q
 from django.template.response import TemplateResponse
 from django.utils.timesince import timesince
 
@@ -177,7 +178,13 @@ class PushEmployeeActions:
 @admin.register(DeviceCommand)
 class DeviceCommandAdmin(admin.ModelAdmin):
     """The commands queued for pushing clocks and what each clock answered.
-    Written by core.adms only: queued by the device and employee actions."""
+    Written by core.adms only: queued by the device and employee actions.
+
+    A command line is shown only through adms.command_shown (a user's password
+    as ***), and it is not searched as text: a search for `Passwd=12` would
+    tell a password by which rows it finds. The search finds a device's name
+    or serial number, who queued the command, or a user ID (the PIN field).
+    """
 
     list_display = [
         "id",
@@ -192,8 +199,14 @@ class DeviceCommandAdmin(admin.ModelAdmin):
     ]
     list_filter = ["state", "device"]
     list_select_related = ["device"]
-    search_fields = ["command"]
-    readonly_fields = [f.name for f in DeviceCommand._meta.fields]
+    search_fields = ["device__name", "device__serial_number", "created_by"]
+    search_help_text = "A device's name or serial number, who queued it, or a user ID."
+    # Every field, the command line masked in place of the raw one.
+    fields = [
+        "shown_command" if field.name == "command" else field.name
+        for field in DeviceCommand._meta.fields
+    ]
+    readonly_fields = fields
 
     def get_queryset(self, request):
         # What is read does not wait for a clock to poll: a command whose
@@ -201,9 +214,24 @@ class DeviceCommandAdmin(admin.ModelAdmin):
         adms.commands_expire()
         return super().get_queryset(request)
 
+    def get_search_results(self, request, queryset, search_term):
+        found, duplicates = super().get_search_results(request, queryset, search_term)
+        user_id = search_term.strip()
+        if user_id and not any(ch.isspace() for ch in user_id):
+            # The whole PIN field (USERINFO PIN=…, the first field) only: the
+            # term holds no tab, so it cannot reach into the fields after it.
+            found |= queryset.filter(
+                Q(command__contains=f" PIN={user_id}\t") | Q(command__endswith=f" PIN={user_id}")
+            )
+        return found, duplicates
+
     @admin.display(description="command")
     def short_command(self, command):
-        return command.command.replace("\t", " ")[:100]
+        return adms.command_shown(command.command).replace("\t", " ")[:100]
+
+    @admin.display(description="command")
+    def shown_command(self, command):
+        return adms.command_shown(command.command)
 
     def has_add_permission(self, request):
         return False

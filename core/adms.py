@@ -490,7 +490,8 @@ def _store_rejected(device: Device, table: str, rejected: list[Rejected], at: da
             PushRejectedLine(
                 device=device,
                 table=table,
-                line=_text(item.raw)[:2000],
+                # A USER line carries the user's password; nobody needs it here.
+                line=command_shown(_text(item.raw))[:2000],
                 reason=item.reason[:200],
                 digest=hashlib.sha256(item.raw).hexdigest(),
                 received_at=at,
@@ -509,8 +510,10 @@ def _store_rejected(device: Device, table: str, rejected: list[Rejected], at: da
 
 
 def _options_line(text: str) -> dict[str, str]:
+    """A clock's options (INFO result, table=options), any secret among them
+    as *** (they show on the device's page)."""
     options = {}
-    for part in text.replace("\n", ",").split(","):
+    for part in command_shown(text).replace("\n", ",").split(","):
         key, sep, value = part.partition("=")
         if sep and key.strip():
             options[key.strip()] = value.strip()
@@ -717,7 +720,12 @@ def device_record_results(*, device: Device, body: bytes) -> int:
             )
             updated = DeviceCommand.objects.filter(
                 pk=int(result.command_id), device=device, answered_at__isnull=True
-            ).update(state=state, return_code=code, result=result.content[:20_000], answered_at=now)
+            ).update(
+                state=state,
+                return_code=code,
+                result=command_shown(result.content)[:20_000],
+                answered_at=now,
+            )
             booked += updated
             if updated and result.verb.upper() == "INFO" and code is not None and code >= 0:
                 _store_options(device, _options_line(result.content))
@@ -802,12 +810,20 @@ def _user_command(
     return "DATA UPDATE USERINFO " + "\t".join(f"{k}={v}" for k, v in fields.items())
 
 
-_PASSWORD_FIELD = re.compile(r"(\tPasswd=)[^\t]+")
+# A secret's field in the protocol's key=value text: a user's password
+# (Passwd), or a comm key (ComKey, PushCommKey...) should a clock report one;
+# the field begins the text or follows a tab, newline, space, comma or &.
+_SECRET_FIELD = re.compile(
+    r"(?<![^\s,&])([~\w]*?(?:passwd|password|pwd|comm?key)=)[^\t\r\n,&]+", re.IGNORECASE
+)
 
 
 def command_shown(command: str) -> str:
-    """A command line as people may read it: a user's password as ***."""
-    return _PASSWORD_FIELD.sub(r"\1***", command)
+    """A command line, an uploaded line or a clock's answer as people may
+    read it, on a page, in a log or in the database where nothing needs the
+    secret: each secret's value as ***. The one masking of the push protocol's
+    text; an empty value stays empty (no password set)."""
+    return _SECRET_FIELD.sub(r"\1***", command)
 
 
 def command_text(

@@ -709,7 +709,11 @@ class DeviceCommand(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.pk}: {self.command[:60]} ({self.state})"
+        # Read on admin pages (titles, deletions) and in their log: masked.
+        # Imported here: core.adms imports this module.
+        from core.adms import command_shown
+
+        return f"{self.pk}: {command_shown(self.command)[:60]} ({self.state})"
 
 
 class PushRejectedLine(models.Model):

@@ -314,6 +314,69 @@ def test_uploads_of_a_device_not_approved_are_refused_and_stored_after_approval(
     assert RawAttendance.objects.count() == 4
 
 
+def test_a_rejected_user_line_is_kept_without_the_users_password(clock, device):
+    body = b"USER PIN=\tName=Ana\tPri=0\tPasswd=secret123\tCard=\tGrp=1\n"
+    assert upload(clock, "OPERLOG", body).content == b"OK: 1"
+    line = PushRejectedLine.objects.get()
+    assert line.line == "USER PIN=\tName=Ana\tPri=0\tPasswd=***\tCard=\tGrp=1"
+    # Kept by the bytes received: the batch sent again stores nothing twice.
+    upload(clock, "OPERLOG", body)
+    assert PushRejectedLine.objects.count() == 1
+
+
+def test_a_secret_a_clock_reports_is_stored_masked(clock, device):
+    command = queue(device, "info")
+    clock.get("/iclock/getrequest", {"SN": SN})
+    body = f"ID={command.pk}&Return=0&CMD=INFO\n~DeviceName=SIM\nComKey=654321\n"
+    assert results(clock, body.encode()).content == b"OK"
+    upload(clock, "options", b"PushCommKey=abcdef,UserCount=3")
+    command.refresh_from_db()
+    device.refresh_from_db()
+    assert "654321" not in command.result and "ComKey=***" in command.result
+    assert device.push_options["ComKey"] == "***"
+    assert device.push_options["PushCommKey"] == "***"
+    assert (device.device_name, device.user_count) == ("SIM", 3)
+
+
+def test_the_migration_masks_the_secrets_stored_before(device):
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module("core.migrations.0018_mask_push_secrets")
+    line = PushRejectedLine.objects.create(
+        device=device, table="OPERLOG", line="USER PIN=\tPasswd=secret123", reason="r", digest="x"
+    )
+    other = PushRejectedLine.objects.create(
+        device=device, table="ATTLOG", line="garbage", reason="no time", digest="y"
+    )
+    command = DeviceCommand.objects.create(device=device, command="INFO", result="ComKey=654321")
+    migration.mask(apps, None)
+    line.refresh_from_db()
+    other.refresh_from_db()
+    command.refresh_from_db()
+    assert (line.line, other.line, command.result) == (
+        "USER PIN=\tPasswd=***",
+        "garbage",
+        "ComKey=***",
+    )
+
+
+def test_command_shown_masks_every_secret_field_and_nothing_else():
+    shown = adms.command_shown
+    assert shown("DATA UPDATE USERINFO PIN=1\tName=Pwd Lee\tPasswd=42\tCard=") == (
+        "DATA UPDATE USERINFO PIN=1\tName=Pwd Lee\tPasswd=***\tCard="
+    )
+    assert (
+        shown("DATA UPDATE USERINFO Passwd=42\tPIN=1") == "DATA UPDATE USERINFO Passwd=***\tPIN=1"
+    )
+    assert shown("ID=1&Return=0&CMD=INFO\n~ComKey=1,CommKey=2,MaxPwdLen=8") == (
+        "ID=1&Return=0&CMD=INFO\n~ComKey=***,CommKey=***,MaxPwdLen=8"
+    )
+    # No password set stays visible as none.
+    assert shown("USER PIN=1\tPasswd=\tCard=") == "USER PIN=1\tPasswd=\tCard="
+
+
 def test_operlog_users_become_employees_linked_to_the_device(clock, device):
     body = (
         b"OPLOG 4\t0\t2026-11-23 08:01:00\t0\t0\t0\t0\n"

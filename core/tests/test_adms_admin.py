@@ -4,11 +4,13 @@ who may queue what, and what a pushing device looks like in the device list."""
 import datetime
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 from django.utils import timezone
 
+from core import adms
 from core.models import Device, DeviceCommand, PushRejectedLine
 from core.tests.factories import DeviceFactory, EmployeeFactory, RawAttendanceFactory
 
@@ -209,6 +211,83 @@ def test_the_command_pages_show_a_command_whose_time_is_up_as_failed_without_a_p
     assert f"no result within {settings.ADMS_COMMAND_TIMEOUT}" in page.content.decode()
     waiting.refresh_from_db()
     assert waiting.state == DeviceCommand.State.SENT
+
+
+def a_user_command_with_a_password(device) -> DeviceCommand:
+    line = adms.command_text("user_update", user_id="1001", name="Ana", password="secret123")
+    return adms.device_command_queue(device=device, command=line, created_by="api")
+
+
+def test_the_command_pages_show_a_users_password_as_stars(admin_client, pushing):
+    command = a_user_command_with_a_password(pushing)
+    pages = {
+        "list": reverse("admin:core_devicecommand_changelist"),
+        "change": reverse("admin:core_devicecommand_change", args=[command.pk]),
+        "history": reverse("admin:core_devicecommand_history", args=[command.pk]),
+        "delete": reverse("admin:core_devicecommand_delete", args=[command.pk]),
+        # The device's deletion lists the commands it takes with it.
+        "device delete": reverse("admin:core_device_delete", args=[pushing.pk]),
+    }
+    for name, url in pages.items():
+        text = admin_client.get(url).content.decode()
+        assert "secret" not in text, name  # not even the start of it
+        assert "Passwd=***" in text, name
+    # Read-only as before: the masked line is not a field that could be posted back.
+    change = admin_client.get(pages["change"])
+    assert "command" not in change.context["adminform"].form.fields
+    deleted = admin_client.post(pages["delete"], {"post": "yes"}, follow=True)
+    assert "secret123" not in deleted.content.decode()
+    assert "secret123" not in LogEntry.objects.get().object_repr
+
+
+def test_the_command_search_finds_a_user_id_but_never_a_password(admin_client, pushing):
+    command = a_user_command_with_a_password(pushing)
+    other = adms.device_command_queue(
+        device=pushing, command=adms.command_text("user_delete", user_id="1002")
+    )
+    url = reverse("admin:core_devicecommand_changelist")
+
+    def found(term):
+        return {c.pk for c in admin_client.get(url, {"q": term}).context["cl"].result_list}
+
+    for guess in ("secret123", "Passwd=secret", "secret", "Ana\tPri=0\tPasswd=secret123"):
+        assert found(guess) == set(), guess
+    assert found("1001") == {command.pk}
+    assert found("1002") == {other.pk}
+    assert found("100") == set()
+    assert found("Gate") == found("SIM0001") == {command.pk, other.pk}
+    assert found("api") == {command.pk}
+
+
+def test_rejected_push_lines_show_no_password(admin_client, pushing):
+    from django.test import Client
+
+    Client(REMOTE_ADDR="10.0.0.50").post(
+        "/iclock/cdata?SN=SIM0001&table=OPERLOG&Stamp=1",
+        data=b"USER PIN=\tName=Ana\tPasswd=secret123\n",
+        content_type="text/plain",
+    )
+    line = PushRejectedLine.objects.get()
+    url = reverse("admin:core_pushrejectedline_changelist")
+    for page in (url, reverse("admin:core_pushrejectedline_change", args=[line.pk])):
+        text = admin_client.get(page).content.decode()
+        assert "secret123" not in text and "Passwd=***" in text
+    assert not admin_client.get(url, {"q": "secret123"}).context["cl"].result_list
+
+
+def test_the_device_page_shows_no_secret_the_clock_reported(admin_client, pushing):
+    from django.test import Client
+
+    Client(REMOTE_ADDR="10.0.0.50").post(
+        "/iclock/cdata?SN=SIM0001&table=options&Stamp=1",
+        data=b"~DeviceName=Gate clock,ComKey=654321,PushCommKey=abcdef",
+        content_type="text/plain",
+    )
+    Device.objects.filter(pk=pushing.pk).update(comm_key=777777)
+    text = admin_client.get(reverse("admin:core_device_change", args=[pushing.pk])).content
+    assert b"Gate clock" in text
+    for secret in (b"654321", b"abcdef", b"777777"):
+        assert secret not in text
 
 
 def test_a_pushing_device_shows_up_down_records_and_drift_in_the_device_list(

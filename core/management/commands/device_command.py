@@ -2,7 +2,7 @@ import datetime
 
 from django.core.management.base import BaseCommand, CommandError
 
-from core.adms import CommandRefused, devices_command_queue
+from core.adms import CommandRefused, command_shown, devices_command_queue
 from core.models import Device
 
 KINDS = {
@@ -82,6 +82,6 @@ class Command(BaseCommand):
             self.stdout.write(
                 self.style.SUCCESS(
                     f"Queued command {command.pk} for {command.device.name}: "
-                    f"{command.command.replace(chr(9), ' ')}"
+                    f"{command_shown(command.command).replace(chr(9), ' ')}"
                 )
             )
