@@ -4,14 +4,17 @@ Everything that differs between a laptop and production comes from the
 environment (a `.env` file beside manage.py is loaded when present). Every
 variable read here is listed with its default in `.env.example`.
 
-With no DATABASE_URL and no CELERY_BROKER_URL the project runs on embedded
-defaults: a SQLite file and a filesystem broker, both under var/.
+With no DATABASE_URL, CELERY_BROKER_URL and CACHE_URL the project runs on
+embedded defaults: a SQLite file, a filesystem broker and a file cache, all
+under var/.
 """
 
 import datetime
 import ipaddress
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dj_database_url
@@ -301,6 +304,56 @@ CELERY_TASK_ROUTES = {
     "core.tasks.sync_punches_to_crm": {"queue": "crm"},
     "core.tasks.retry_failed_syncs": {"queue": "crm"},
 }
+
+
+# --- Cache -------------------------------------------------------------------------
+# The API's request counts (core.api.throttling) live here, so every web process
+# must see the same cache: one of its own per process would make each limit as
+# many times looser, and forget it at a restart. Redis when the web runs on
+# several machines (redis://127.0.0.1:6379/1); without CACHE_URL, files under
+# var/, which the processes of one machine share without a server. Never the
+# broker's Redis unasked: clearing a cache empties its whole database, and a
+# queue and a cache want different memory policies.
+
+CACHE_URL = envstr("CACHE_URL", "")
+if CACHE_URL:
+    _cache_url = urlsplit(CACHE_URL)
+    try:
+        _cache_url_ok = (
+            _cache_url.scheme in ("redis", "rediss")
+            and bool(_cache_url.hostname)
+            and _cache_url.port != 0
+            # The database written out: left off, Redis takes 0, the broker's usual.
+            and re.fullmatch(r"/\d+", _cache_url.path) is not None
+        )
+    except ValueError:  # a port that is not a number
+        _cache_url_ok = False
+    if not _cache_url_ok:
+        # Shown without its password.
+        _shown = _cache_url._replace(netloc=_cache_url.netloc.rpartition("@")[2]).geturl()
+        raise ImproperlyConfigured(
+            "CACHE_URL must be a Redis URL with a database number, such as "
+            f"redis://127.0.0.1:6379/1 (rediss:// for TLS), got {_shown!r}"
+        )
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": CACHE_URL,
+            # A Redis that stops answering fails a request within seconds,
+            # not at the web server's timeout.
+            "OPTIONS": {"socket_connect_timeout": 5, "socket_timeout": 5},
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": VAR_DIR / "cache",
+            # Past this many files a third are deleted at random, live counts
+            # included: far above the users and addresses of one throttle period.
+            "OPTIONS": {"MAX_ENTRIES": 10000},
+        }
+    }
 
 
 # --- Devices and ingest --------------------------------------------------------------

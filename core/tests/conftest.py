@@ -82,8 +82,20 @@ def push_clock():
 # --- REST API ----------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """The suite's cache is a folder of its own, whatever CACHE_URL says: clearing it
+    (below) never touches the cache of a bridge running from this checkout."""
+    from django.test import override_settings
+
+    backend = "django.core.cache.backends.filebased.FileBasedCache"
+    location = tmp_path_factory.mktemp("cache")
+    with override_settings(CACHES={"default": {"BACKEND": backend, "LOCATION": location}}):
+        yield
+
+
 @pytest.fixture(autouse=True)
-def fresh_throttle_counts():
+def fresh_throttle_counts(private_cache):
     """Request counts (core.api.throttling) live in the cache: each test starts at zero."""
     from django.core.cache import cache
 

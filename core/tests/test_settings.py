@@ -1,5 +1,7 @@
 """Settings fail fast, naming the variable, when the environment is badly set."""
 
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +11,13 @@ import pytest
 PROJECT = Path(__file__).resolve().parents[2]
 
 
-def load_settings(**env) -> subprocess.CompletedProcess:
+def load_settings(
+    script: str = "import attendance_bridge.settings", **env
+) -> subprocess.CompletedProcess:
     environment = {"SECRET_KEY": "x", "PATH": "/usr/bin:/bin", "VAR_DIR": "/tmp/ab-settings-test"}
     environment.update(env)
     return subprocess.run(
-        [sys.executable, "-c", "import attendance_bridge.settings"],
+        [sys.executable, "-c", script],
         cwd=PROJECT,
         env=environment,
         capture_output=True,
@@ -40,6 +44,9 @@ def load_settings(**env) -> subprocess.CompletedProcess:
         ("API_AUTH_THROTTLE_RATE", "5/fortnight", "API_AUTH_THROTTLE_RATE must be a count"),
         ("API_BASIC_AUTH", "sometimes", "API_BASIC_AUTH must be true or false"),
         ("USER_IMPORT_MAX_BYTES", "0", "USER_IMPORT_MAX_BYTES must be at least 1, got 0"),
+        ("CACHE_URL", "memcached://127.0.0.1:11211/1", "CACHE_URL must be a Redis URL"),
+        ("CACHE_URL", "redis://127.0.0.1:6379", "with a database number"),
+        ("CACHE_URL", "redis://127.0.0.1:port/1", "got 'redis://127.0.0.1:port/1'"),
     ],
 )
 def test_a_bad_value_stops_start_up_with_a_message_naming_the_variable(variable, value, message):
@@ -54,27 +61,34 @@ def test_without_a_secret_key_start_up_stops_unless_debug():
     assert load_settings(SECRET_KEY="", DEBUG="true").returncode == 0
 
 
-def test_embedded_defaults_need_no_database_or_broker_server():
+def test_a_bad_cache_url_is_shown_without_its_password():
+    result = load_settings(CACHE_URL="redis://:hunter2@127.0.0.1:6379/cache")
+    assert "got 'redis://127.0.0.1:6379/cache'" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_a_redis_cache_url_makes_redis_the_cache():
+    script = "from attendance_bridge import settings as s; print(s.CACHES['default'])"
+    url = "rediss://:hunter2@cache.example.com:6380/3"
+    result = load_settings(script, CACHE_URL=url)
+    assert "'django.core.cache.backends.redis.RedisCache'" in result.stdout
+    assert f"'LOCATION': '{url}'" in result.stdout
+
+
+def test_embedded_defaults_need_no_database_broker_or_cache_server():
     script = (
         "from attendance_bridge import settings as s; "
-        "print(s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL)"
+        "print(s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL, "
+        "s.CACHES['default']['BACKEND'], s.CACHES['default']['LOCATION'])"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=PROJECT,
-        # Set and empty, so that a developer's .env cannot fill them in.
-        env={
-            "SECRET_KEY": "x",
-            "PATH": "/usr/bin:/bin",
-            "VAR_DIR": "/tmp/ab-settings-test",
-            "DATABASE_URL": "",
-            "CELERY_BROKER_URL": "",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.stdout.split() == ["django.db.backends.sqlite3", "filesystem://"]
+    # Set and empty, so that a developer's .env cannot fill them in.
+    result = load_settings(script, DATABASE_URL="", CELERY_BROKER_URL="", CACHE_URL="")
+    assert result.stdout.split() == [
+        "django.db.backends.sqlite3",
+        "filesystem://",
+        "django.core.cache.backends.filebased.FileBasedCache",
+        "/tmp/ab-settings-test/cache",
+    ]
 
 
 def test_a_crm_token_and_a_token_file_together_stop_start_up():
@@ -133,3 +147,51 @@ def test_a_sqlite_transaction_that_reads_then_writes_waits_for_another_writer(tm
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rows 2" in result.stdout
+
+
+LOGINS = """
+import sys
+import django
+django.setup()
+from django.test import Client
+
+# An empty login is refused (400) without a database, and counts all the same.
+client = Client(REMOTE_ADDR=sys.argv[1], HTTP_HOST="localhost")
+print(*(client.post("/api/auth/token/").status_code for _ in range(int(sys.argv[2]))))
+"""
+
+
+@pytest.mark.parametrize("cache_url", ["", "redis://127.0.0.1:6379/11"], ids=["files", "redis"])
+def test_the_login_limit_is_counted_across_processes_and_restarts(cache_url, tmp_path):
+    if cache_url:
+        try:
+            socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+        except OSError:
+            pytest.skip("no Redis on 127.0.0.1:6379")
+    # An address of its own, so a count left in Redis by an earlier run is not this one.
+    address = f"10.{random.randrange(256)}.{random.randrange(256)}.{random.randrange(256)}"
+
+    def logins(count: int) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", LOGINS, address, str(count)],
+            cwd=PROJECT,
+            env={
+                "SECRET_KEY": "x",
+                "PATH": "/usr/bin:/bin",
+                "DJANGO_SETTINGS_MODULE": "attendance_bridge.settings",
+                "DATABASE_URL": "",
+                "CELERY_BROKER_URL": "",
+                "VAR_DIR": str(tmp_path),
+                "CACHE_URL": cache_url,
+                "API_AUTH_THROTTLE_RATE": "3/minute",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.split()
+
+    # Two web processes, one after the other: the second sees the first one's count.
+    assert logins(2) == ["400", "400"]
+    assert logins(2) == ["400", "429"]
