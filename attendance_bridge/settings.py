@@ -605,6 +605,11 @@ for _name in ("API_THROTTLE_RATE", "API_ANON_THROTTLE_RATE", "API_AUTH_THROTTLE_
             f"{_name} must be a count and a period such as 100/minute "
             f"(second, minute, hour or day), got {_rate!r}"
         )
+# Reverse proxies in front of the bridge that add the client's address to
+# X-Forwarded-For (1 behind the nginx of docs/setup.md). The request limits
+# count per address: with 0 the connection's own, otherwise the address the
+# outermost proxy saw. A client's own X-Forwarded-For entries are never believed.
+API_NUM_PROXIES = envint("API_NUM_PROXIES", 0, minimum=0)
 # Rows per page of every list (?limit= asks for fewer or more, up to the maximum).
 API_PAGE_SIZE = envint("API_PAGE_SIZE", 100, minimum=1)
 API_MAX_PAGE_SIZE = envint("API_MAX_PAGE_SIZE", 1000, minimum=1)
