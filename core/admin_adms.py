@@ -2,7 +2,8 @@
 commands, the command queue, and the upload lines that could not be read.
 
 Each action has its own permission (docs/permissions.md): a view-only user is
-offered none, and a crafted POST of one queues nothing.
+offered none, and a crafted POST of one queues nothing. Each command queued is
+recorded in the audit log with the user (core.audit.audit_commands).
 """
 
 import datetime
@@ -10,11 +11,13 @@ import datetime
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.db import transaction
 from django.db.models import Q
 from django.template.response import TemplateResponse
 from django.utils.timesince import timesince
 
 from core import adms
+from core.audit import audit_commands
 from core.models import DeviceCommand, PushRejectedLine
 
 
@@ -103,9 +106,11 @@ class PushDeviceActions:
         return request.user.has_perm("core.send_reupload_command")
 
     def _queue(self, request, queryset, kind, **values):
-        result = adms.devices_command_queue(
-            devices=queryset, kind=kind, created_by=request.user.get_username(), **values
-        )
+        with transaction.atomic():
+            result = adms.devices_command_queue(
+                devices=queryset, kind=kind, created_by=request.user.get_username(), **values
+            )
+            audit_commands(actor=request.user, commands=result.queued)
         _report(self, request, result)
 
     @admin.action(description="Push: refresh info (INFO)", permissions=["send_info_command"])
@@ -156,9 +161,11 @@ class PushEmployeeActions:
         return request.user.has_perm("core.manage_device_users")
 
     def _queue(self, request, queryset, *, delete):
-        result = adms.employees_command_queue(
-            employees=queryset, delete=delete, created_by=request.user.get_username()
-        )
+        with transaction.atomic():
+            result = adms.employees_command_queue(
+                employees=queryset, delete=delete, created_by=request.user.get_username()
+            )
+            audit_commands(actor=request.user, commands=result.queued)
         _report(self, request, result)
 
     @admin.action(

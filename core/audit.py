@@ -23,7 +23,8 @@ Entries are django-auditlog's ``LogEntry`` rows, written two ways:
 Processing's bulk writes are not recorded row by row: a row's version already
 says it was recomputed.
 
-What the REST API must call (the admin does the same in core/admin.py):
+What the REST API must call (the admin does the same in core/admin.py and
+core/admin_adms.py, the device_command command with no actor):
 
 - ``PATCH /api/processed-attendance/{id}/`` (HR correction)::
 
@@ -45,6 +46,19 @@ What the REST API must call (the admin does the same in core/admin.py):
   which records e.g. ``{"user_id": [None, "1234"], "name": [None, "Ann Lee"]}``;
   ``"device_user_remove"`` for ``DELETE /api/devices/{id}/users/{user_id}/``
   (``after=None``: ``{"user_id": ["1234", None], "name": ["Ann Lee", None]}``).
+- A command queued for a clock that pushes (core.adms), once per command,
+  after it was queued: the admin's **Push:** actions and the device_command
+  command call::
+
+      audit_commands(actor=request.user, commands=result.queued)
+
+  (action ``"device_command"``; ``actor=None`` from the command line), which
+  records on the device ``{"command": [None, "INFO"]}``, the line through
+  core.adms.command_shown (a password as ***), and the command's id in the
+  entry's data (``command_id``). The users endpoints record their queued
+  commands as ``"device_user_add"``/``"device_user_remove"`` entries made by
+  ``device_command_entry(command=..., changes=...)``: the user's fields and
+  the line.
 - A command sent to a clock, after it succeeded: a clock set with
   ``audit_clock_set(actor=request.user, device=device, set_to=local_time)``
   (action ``"device_sync_time"``, ``device`` as read before the command);
@@ -90,7 +104,13 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import models, transaction
 from django.utils.functional import SimpleLazyObject
 
-from core.models import Device, ProcessedAttendance, PunchDelivery, RawAttendance
+from core.models import (
+    Device,
+    DeviceCommand,
+    ProcessedAttendance,
+    PunchDelivery,
+    RawAttendance,
+)
 
 # Rows read per query for a snapshot: far below SQLite's bound on query parameters.
 SNAPSHOT_CHUNK = 2000
@@ -373,3 +393,30 @@ def device_user_entry(*, device: Device, before, after, **details) -> AuditEntry
         if value(before, name) != value(after, name)
     }
     return AuditEntry.of(device, changes, **details) if changes else None
+
+
+def device_command_entry(
+    *, command: DeviceCommand, changes: Mapping[str, Sequence[Any]] | None = None, **details
+) -> AuditEntry:
+    """The log entry of a command queued for a pushing clock: on its device,
+    ``changes`` (a user's fields, say) and the command line as ``command``
+    ``[None, line]``, shown through core.adms.command_shown so no password
+    reaches the log; the command's id in the entry's data (``command_id``)."""
+    # Imported here: core.adms imports core.ingest, which imports this module.
+    from core.adms import command_shown
+
+    changes = {**(changes or {}), "command": [None, command_shown(command.command)]}
+    return AuditEntry.of(command.device, changes, command_id=command.pk, **details)
+
+
+def audit_commands(*, actor, commands: Iterable[DeviceCommand]) -> int:
+    """Records commands queued for pushing clocks (``device_command``), an
+    entry each (device_command_entry), in bulk; returns how many.
+    ``actor`` None for the command line. Not idempotent: call once per batch
+    queued, in its transaction. Raises nothing of its own."""
+    return audit_record(
+        actor=actor,
+        action="device_command",
+        model=Device,
+        entries=[device_command_entry(command=command) for command in commands],
+    )

@@ -12,11 +12,13 @@ import json
 
 import pytest
 from auditlog.models import LogEntry
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import Group, Permission
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from core import tasks
-from core.models import Device, ProcessedAttendance
+from core.adms import command_shown
+from core.models import Device, DeviceCommand, ProcessedAttendance
 from core.processing import attendance_process
 from core.tests.factories import DeviceFactory, EmployeeFactory, RawAttendanceFactory
 from core.tests.test_api_device_users import Source
@@ -263,6 +265,60 @@ def test_an_import_from_a_url_records_the_url_with_each_user(operator, clock, so
     assert entry.actor == operator
     assert entry.additional_data == {"action": "device_user_add", "source": source.url}
     assert entry.changes["name"] == [None, "Gil"]
+
+
+@pytest.fixture
+def pushing():
+    """An approved clock that pushes, knowing user 1001 from its uploads."""
+    device = DeviceFactory(
+        name="Gate",
+        ip_address=None,
+        serial_number="PUSH0001",
+        first_seen_at=timezone.now(),
+        last_seen_at=timezone.now(),
+    )
+    EmployeeFactory(user_id="1001", name="Ana").devices.add(device)
+    LogEntry.objects.all().delete()
+    return device
+
+
+PUSH_WRITES = [
+    ("post", "", {"user_id": "2001", "name": "Bo", "password": "4321"}, "device_user_add"),
+    ("delete", "1001/", None, "device_user_remove"),
+    (
+        "post",
+        "import/",
+        {"users": [{"user_id": "2001", "name": "Bo", "password": "4321"}]},
+        "device_user_add",
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "operation"), PUSH_WRITES)
+def test_a_user_command_queued_for_a_pushing_clock_is_recorded_with_its_line_masked(
+    django_user_model, operator, pushing, method, path, body, operation
+):
+    url = f"/api/devices/{pushing.pk}/users/{path}"
+    viewer = django_user_model.objects.create_user("vera", password=PASSWORD)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_device"))
+    refused = getattr(with_token(viewer), method)(url, body, format="json")
+    assert refused.status_code == 403
+    assert not LogEntry.objects.exists()
+
+    client = with_token(operator)
+    answer = getattr(client, method)(url, body, format="json")
+    assert answer.status_code == 202, answer.content
+    [command_id] = answer.json()["command_ids"]
+    command = DeviceCommand.objects.get(pk=command_id)
+    [entry] = audit_log(client, operation=operation)
+    assert (entry["actor"], entry["object_pk"]) == ("otto", str(pushing.pk))
+    assert entry["changes"]["command"] == [None, command_shown(command.command)]
+    assert LogEntry.objects.get().additional_data["command_id"] == command_id
+    # The password reached the clock's command, never the log.
+    assert "4321" not in json.dumps(entry)
+    if body and "4321" in json.dumps(body):
+        assert "Passwd=4321" in command.command
+        assert "Passwd=***" in entry["changes"]["command"][1]
 
 
 def test_a_clock_set_with_wait_is_recorded_as_the_operators(operator, clock):

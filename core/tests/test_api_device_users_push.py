@@ -193,7 +193,12 @@ def test_queued_writes_are_audited_with_their_command_ids(operator, pushing):
     assert add.actor == operator.user and add.object_pk == str(pushing.pk)
     assert add.additional_data == {"action": "device_user_add", "command_id": add_id}
     # Every field is sent: the card left out is sent empty, as for a polled clock.
-    assert add.changes == {"name": ["Ana", "Ana Paula"], "card": [555, 0]}
+    line = DeviceCommand.objects.get(pk=add_id).command
+    assert add.changes == {
+        "name": ["Ana", "Ana Paula"],
+        "card": [555, 0],
+        "command": [None, line],
+    }
     remove = LogEntry.objects.get(additional_data__action="device_user_remove")
     assert remove.additional_data["command_id"] == remove_id
     assert remove.changes["user_id"] == ["1001", None]

@@ -2,15 +2,21 @@
 who, when, and the values before and after; processing's own writes are not."""
 
 import datetime
+import io
 
 import pytest
 from auditlog.models import LogEntry
 from django.contrib.auth.models import Permission
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils import timezone
 
+from core.adms import command_shown
 from core.audit import AuditEntry, audit_changes, audit_record
 from core.crm import crm_resend
-from core.models import Device, ProcessedAttendance, RawAttendance
+from core.models import Device, DeviceCommand, ProcessedAttendance, RawAttendance
 from core.processing import attendance_edit, attendance_process
 from core.tests.factories import DeviceFactory, EmployeeFactory, RawAttendanceFactory
 from core.zk.emulator import DeviceState
@@ -233,6 +239,111 @@ def test_a_clock_set_from_the_admin_is_recorded(client, login, zk_emulator):
     assert before == -7200.0 and abs(after) < 5
     assert entry.changes["clock"][0] is None
     assert entry.additional_data["timezone"] == "UTC"
+
+
+# --- Commands queued for pushing clocks (core.adms) ------------------------------------------
+
+
+def pushing_clock(name: str, serial: str) -> Device:
+    return DeviceFactory(
+        name=name,
+        ip_address=None,
+        serial_number=serial,
+        first_seen_at=timezone.now(),
+        last_seen_at=timezone.now(),
+    )
+
+
+def inserts_into_the_log(queries) -> int:
+    return sum(q["sql"].startswith('INSERT INTO "auditlog_logentry"') for q in queries)
+
+
+def assert_commands_recorded(actor) -> list:
+    """Each queued command has one device_command entry by `actor`, naming
+    its device, the line and the command's id; returns the entries."""
+    commands = list(DeviceCommand.objects.order_by("pk"))
+    found = entries("device_command")
+    assert commands and len(found) == len(commands)
+    for command, entry in zip(commands, found, strict=True):
+        assert entry.actor == actor
+        assert (entry.object_pk, entry.object_repr) == (str(command.device_id), command.device.name)
+        assert entry.changes == {"command": [None, command_shown(command.command)]}
+        assert entry.additional_data == {"action": "device_command", "command_id": command.pk}
+    return found
+
+
+DEVICE_COMMANDS = [
+    ("refresh_info", "core.send_info_command", {}),
+    ("reread_options", "core.send_check_command", {}),
+    ("reboot", "core.send_reboot_command", {}),
+    ("reupload", "core.send_reupload_command", {"start": "2026-11-01", "end": "2026-11-02"}),
+]
+
+
+@pytest.mark.parametrize(("action", "perm", "form"), DEVICE_COMMANDS)
+def test_a_push_device_action_records_each_command_it_queued_in_one_statement(
+    client, login, action, perm, form
+):
+    gate, dock = pushing_clock("Gate", "SIM0001"), pushing_clock("Dock", "SIM0002")
+    ids = [gate.pk, dock.pk]
+    extra = {**form, "apply": "yes"} if form else {}
+    login("core.view_device", username="viewer")
+    post_action(client, "device", action, ids, **extra)
+    assert not DeviceCommand.objects.exists() and entries("device_command") == []
+
+    operator = login("core.view_device", perm, username="ops")
+    with CaptureQueriesContext(connection) as queries:
+        post_action(client, "device", action, ids, **extra)
+    assert DeviceCommand.objects.count() == 2
+    assert_commands_recorded(operator)
+    assert inserts_into_the_log(queries) == 1
+
+
+@pytest.mark.parametrize("action", ["send_to_clocks", "delete_from_clocks"])
+def test_a_push_employee_action_records_each_user_command_it_queued_in_one_statement(
+    client, login, action
+):
+    gate, dock = pushing_clock("Gate", "SIM0001"), pushing_clock("Dock", "SIM0002")
+    employees = [EmployeeFactory(user_id="1001"), EmployeeFactory(user_id="1002")]
+    for employee in employees:
+        employee.devices.add(gate, dock)
+    clear_log()
+    ids = [e.pk for e in employees]
+    login("core.view_employee", "core.change_employee", username="viewer")
+    post_action(client, "employee", action, ids)
+    assert not DeviceCommand.objects.exists() and entries("device_command") == []
+
+    operator = login("core.view_employee", "core.manage_device_users", username="ops")
+    with CaptureQueriesContext(connection) as queries:
+        post_action(client, "employee", action, ids)
+    assert DeviceCommand.objects.count() == 4
+    found = assert_commands_recorded(operator)
+    assert "PIN=1002" in found[-1].changes["command"][1]
+    assert inserts_into_the_log(queries) == 1
+
+
+def test_device_command_records_the_command_it_queued_without_a_user():
+    pushing_clock("Gate", "SIM0001")
+    DeviceFactory(name="Polled")
+    clear_log()
+    with pytest.raises(CommandError):
+        call_command("device_command", "Polled", "reboot")
+    assert entries("device_command") == []
+
+    call_command("device_command", "Gate", "reboot", stdout=io.StringIO())
+    call_command(
+        "device_command",
+        "SIM0001",
+        "user-update",
+        "--user-id",
+        "1001",
+        "--name",
+        "Ana",
+        stdout=io.StringIO(),
+    )
+    reboot, update = assert_commands_recorded(None)
+    assert reboot.changes["command"] == [None, "REBOOT"]
+    assert update.changes["command"][1].startswith("DATA UPDATE USERINFO PIN=1001\tName=Ana\t")
 
 
 def test_an_employee_changed_in_the_admin_is_recorded(client, login):

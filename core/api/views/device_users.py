@@ -25,7 +25,7 @@ from core.api.views.common import (
     DEVICE_ID,
     WRITE_ERRORS,
 )
-from core.audit import AuditEntry, audit_record, device_user_entry
+from core.audit import audit_record, device_command_entry, device_user_entry
 from core.models import Device
 
 PERMS = ["core.view_device", "core.manage_device_users"]
@@ -183,18 +183,16 @@ class DeviceUserViewSet(viewsets.GenericViewSet):
 
 def _queued(request, action: str, device: Device, result, **details) -> Response:
     """202 with the commands queued for a pushing clock, recorded in the audit
-    log like a write to a polled clock, with the command's id: each entry's
-    `before` is the bridge's copy of the user (None when it has none)."""
+    log like a write to a polled clock, with the command line and its id
+    (core.audit.device_command_entry): each entry's `before` is the bridge's
+    copy of the user (None when it has none)."""
     entries = []
     for command, (after, before) in zip(result.commands, result.written, strict=True):
-        entry = device_user_entry(
-            device=device, before=before, after=after, command_id=command.pk, **details
-        )
-        # A command is sent even when the bridge's copy already matches it.
-        entry = entry or AuditEntry.of(device, {}, command_id=command.pk, **details)
+        user = device_user_entry(device=device, before=before, after=after)
         # A pushing clock has no slot the bridge knows.
-        entry.changes.pop("uid", None)
-        entries.append(entry)
+        changes = {k: v for k, v in (user.changes if user else {}).items() if k != "uid"}
+        # A command is recorded even when the bridge's copy already matches it.
+        entries.append(device_command_entry(command=command, changes=changes, **details))
     _audit(request, action, device, entries)
     data = {
         "command_ids": [c.pk for c in result.commands],

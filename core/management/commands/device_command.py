@@ -1,8 +1,10 @@
 import datetime
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
 from core.adms import CommandRefused, command_shown, devices_command_queue
+from core.audit import audit_commands
 from core.models import Device
 
 KINDS = {
@@ -28,7 +30,8 @@ class Command(BaseCommand):
         "next poll, and the admin's Device commands page shows its result. Like the admin's "
         "device and employee actions (permissions core.send_info_command, "
         "core.send_check_command, core.send_reboot_command, core.send_reupload_command, "
-        "core.manage_device_users)."
+        "core.manage_device_users). Each command queued is recorded in the audit log, with "
+        "no user."
     )
 
     def add_arguments(self, parser):
@@ -71,9 +74,12 @@ class Command(BaseCommand):
         elif kind == "user-delete":
             values = {"user_id": user_id}
         try:
-            result = devices_command_queue(
-                devices=found[:1], kind=KINDS[kind], created_by="device_command", **values
-            )
+            with transaction.atomic():
+                result = devices_command_queue(
+                    devices=found[:1], kind=KINDS[kind], created_by="device_command", **values
+                )
+                # No user: the audit log shows the command line's entries as the system's.
+                audit_commands(actor=None, commands=result.queued)
         except CommandRefused as exc:
             raise CommandError(str(exc)) from None
         if result.refused:
