@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import datetime
+import uuid
 from dataclasses import dataclass, field
 
 from django.conf import settings
+from django.core.cache.backends.filebased import FileBasedCache
+from django.core.cache.backends.redis import RedisCache
 from django.db import DatabaseError, connection
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.module_loading import import_string
 from kombu import Connection
 from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 
 from core.models import Device, Heartbeat
 
@@ -18,6 +23,7 @@ HEARTBEAT = "beat"
 # A heartbeat this many intervals old means beat, the broker or every worker stopped.
 HEARTBEAT_STALE_INTERVALS = 5
 BROKER_TIMEOUT_SECONDS = 3
+CACHE_TIMEOUT_SECONDS = 3
 
 
 @dataclass
@@ -90,6 +96,42 @@ def _broker() -> Check:
     return Check(True, f"the {transport} broker is reachable")
 
 
+def _cache() -> Check:
+    """Writes, reads back and deletes a key of its own in the cache the API's
+    request limits use (settings.CACHES["default"])."""
+    config = settings.CACHES["default"]
+    backend = import_string(config["BACKEND"])
+    options = dict(config.get("OPTIONS", {}))
+    if issubclass(backend, RedisCache):
+        # The URL may hold a password: it is never shown, only its scheme.
+        kind = str(config["LOCATION"]).split("://", 1)[0]
+        # A Redis that accepts connections but never answers fails the check
+        # within seconds, whatever the API's own timeouts are.
+        options.update(
+            socket_connect_timeout=CACHE_TIMEOUT_SECONDS, socket_timeout=CACHE_TIMEOUT_SECONDS
+        )
+    else:
+        kind = "file" if issubclass(backend, FileBasedCache) else backend.__name__
+    key = f"health-{uuid.uuid4().hex}"
+    try:
+        # An instance of its own, for its timeouts; its connection closes with it.
+        # The file cache makes its folder here.
+        probe = backend(config.get("LOCATION", ""), {**config, "OPTIONS": options})
+        probe.set(key, key, timeout=60)
+        stored = probe.get(key)
+        probe.delete(key)
+    except (RedisError, OSError) as exc:
+        # The kind of error, not its text: a Redis error's names the server's
+        # address, a file error's the path.
+        error = exc.__class__.__name__
+        if isinstance(exc, OSError) and exc.strerror:
+            error = f"{error} ({exc.strerror})"
+        return Check(False, f"the {kind} cache does not work: {error}")
+    if stored != key:
+        return Check(False, f"the {kind} cache did not return a key just written to it")
+    return Check(True, f"the {kind} cache stores and returns a key")
+
+
 def _heartbeat(now: datetime.datetime) -> Check:
     at = Heartbeat.objects.filter(name=HEARTBEAT).values_list("at", flat=True).first()
     limit = datetime.timedelta(
@@ -134,12 +176,13 @@ def _devices(now: datetime.datetime) -> Check:
 
 
 def health_check() -> Health:
-    """Runs every check: database, broker, heartbeat, overdue devices. Reads only;
-    never raises for a failing part, which is reported as a failing check."""
+    """Runs every check: database, broker, cache, heartbeat, overdue devices. Reads
+    only, but for a short-lived key of its own in the cache; never raises for a failing part, which is reported as a failing check."""
     now = timezone.now()
     health = Health()
     health.checks["database"] = _database()
     health.checks["broker"] = _broker()
+    health.checks["cache"] = _cache()
     if health.checks["database"].ok:
         health.checks["heartbeat"] = _heartbeat(now)
         health.checks["devices"] = _devices(now)

@@ -3,12 +3,16 @@
 import datetime
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import redis
+from django.test import override_settings
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -54,7 +58,7 @@ def test_health_is_200_without_a_login_when_every_check_passes(client, healthy):
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok" and body["failing"] == []
-    assert set(body["checks"]) == {"database", "broker", "heartbeat", "devices"}
+    assert set(body["checks"]) == {"database", "broker", "cache", "heartbeat", "devices"}
 
 
 def test_health_is_503_naming_a_missing_heartbeat(client, healthy):
@@ -121,6 +125,96 @@ def test_health_reaches_a_running_redis_broker(client, healthy):
     except OSError:
         pytest.skip("no Redis on 127.0.0.1:6379")
     assert client.get("/health/").json()["checks"]["broker"]["ok"] is True
+
+
+def cache_is(backend: str, location, **options):
+    """/health/ checks this cache. Undone before the suite's teardown clears the
+    default cache: clearing a Redis cache empties its whole database."""
+    kind = {
+        "redis": "django.core.cache.backends.redis.RedisCache",
+        "file": "django.core.cache.backends.filebased.FileBasedCache",
+    }[backend]
+    return override_settings(
+        CACHES={"default": {"BACKEND": kind, "LOCATION": location, "OPTIONS": options}}
+    )
+
+
+def test_health_writes_reads_and_deletes_a_key_in_the_file_cache(client, healthy, tmp_path):
+    with cache_is("file", tmp_path / "cache"):
+        response = client.get("/health/")
+    assert response.status_code == 200
+    assert response.json()["checks"]["cache"] == {
+        "ok": True,
+        "detail": "the file cache stores and returns a key",
+    }
+    # Its key is gone: the folder holds no entry.
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_health_reaches_a_running_redis_cache(client, healthy):
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+    except OSError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    with cache_is("redis", "redis://127.0.0.1:6379/12"):
+        response = client.get("/health/")
+    assert response.status_code == 200
+    assert (
+        response.json()["checks"]["cache"]["detail"] == "the redis cache stores and returns a key"
+    )
+    # Its key is gone.
+    assert list(redis.Redis(db=12).scan_iter(match="*health-*")) == []
+
+
+def test_health_is_503_when_the_redis_cache_cannot_be_reached_and_hides_its_password(
+    client, healthy
+):
+    with cache_is("redis", f"redis://:hunter2@127.0.0.1:{free_port()}/12"):
+        response = client.get("/health/")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["failing"] == ["cache"]
+    assert body["checks"]["cache"]["detail"] == "the redis cache does not work: ConnectionError"
+    assert "hunter2" not in response.content.decode()
+
+
+def test_a_hung_redis_cache_fails_health_within_its_own_short_timeout(client, healthy):
+    # Accepts connections (the kernel's backlog) and never answers.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        url = f"redis://127.0.0.1:{hung.getsockname()[1]}/12"
+        with cache_is("redis", url, socket_connect_timeout=30, socket_timeout=30):
+            started = time.monotonic()
+            body = client.get("/health/").json()
+    assert time.monotonic() - started < health.CACHE_TIMEOUT_SECONDS + 5
+    assert body["failing"] == ["cache"]
+    assert body["checks"]["cache"]["detail"] == "the redis cache does not work: TimeoutError"
+
+
+@pytest.mark.parametrize(
+    ("blocked", "error"),
+    [
+        ("read-only folder", "PermissionError (Permission denied)"),
+        ("file in its place", "FileExistsError (File exists)"),
+    ],
+)
+def test_health_is_503_when_the_cache_folder_cannot_be_written(
+    client, healthy, tmp_path, blocked, error
+):
+    location = tmp_path / "cache"
+    if blocked == "read-only folder":
+        location.mkdir(mode=0o500)
+        if os.access(location, os.W_OK):
+            pytest.skip("this user writes to read-only folders (root)")
+    else:
+        location.write_text("")
+    with cache_is("file", location):
+        response = client.get("/health/")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["failing"] == ["cache"]
+    assert body["checks"]["cache"]["detail"] == f"the file cache does not work: {error}"
 
 
 def test_the_heartbeat_task_records_when_it_ran():
