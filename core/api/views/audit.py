@@ -103,6 +103,10 @@ class AuditLogEntrySerializer(serializers.ModelSerializer):
     changes = serializers.SerializerMethodField(
         help_text="Each changed field with its value before and after: {field: [before, after]}."
     )
+    command_id = serializers.SerializerMethodField(
+        help_text="A command queued for a pushing clock: its id, to read its result at "
+        "/api/devices/{object_pk}/commands/{command_id}/; null for any other change."
+    )
 
     class Meta:
         model = LogEntry
@@ -117,6 +121,7 @@ class AuditLogEntrySerializer(serializers.ModelSerializer):
             "action",
             "operation",
             "changes",
+            "command_id",
             "remote_addr",
         ]
 
@@ -133,6 +138,11 @@ class AuditLogEntrySerializer(serializers.ModelSerializer):
     @extend_schema_field(OpenApiTypes.OBJECT)
     def get_changes(self, entry):
         return entry.changes_dict
+
+    @extend_schema_field(OpenApiTypes.INT)
+    def get_command_id(self, entry):
+        # One key of the entry's data, not the data: an import's would show its URL.
+        return (entry.additional_data or {}).get("command_id")
 
 
 class AuditLogViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
