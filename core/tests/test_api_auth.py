@@ -80,38 +80,29 @@ def test_the_login_endpoints_are_limited_by_api_auth_throttle_rate(hr_user, sett
     assert client.post("/api/auth/jwt/", right, format="json").status_code == 429
 
 
+def guess_with(forwarded: str) -> int:
+    """A wrong password from a new client, with this X-Forwarded-For; the status code."""
+    wrong = {"username": "hanna", "password": "guess"}
+    client = APIClient()
+    return client.post(
+        "/api/auth/token/", wrong, format="json", HTTP_X_FORWARDED_FOR=forwarded
+    ).status_code
+
+
 def test_a_made_up_x_forwarded_for_does_not_get_a_guesser_new_tries(hr_user, settings):
     settings.API_AUTH_THROTTLE_RATE = "3/minute"
-    wrong = {"username": "hanna", "password": "guess"}
-
-    def attempt(forwarded: str) -> int:
-        return (
-            APIClient()
-            .post("/api/auth/token/", wrong, format="json", HTTP_X_FORWARDED_FOR=forwarded)
-            .status_code
-        )
-
     # No proxy in front: the header is the client's own, and is not read.
-    assert [attempt(f"10.0.0.{n}") for n in range(4)] == [400, 400, 400, 429]
+    assert [guess_with(f"10.0.0.{n}") for n in range(4)] == [400, 400, 400, 429]
 
 
 def test_behind_a_proxy_the_limit_counts_the_address_the_proxy_saw(hr_user, settings):
     settings.API_AUTH_THROTTLE_RATE = "3/minute"
     settings.API_NUM_PROXIES = 1
-    wrong = {"username": "hanna", "password": "guess"}
-
-    def attempt(forwarded: str) -> int:
-        return (
-            APIClient()
-            .post("/api/auth/token/", wrong, format="json", HTTP_X_FORWARDED_FOR=forwarded)
-            .status_code
-        )
-
     # The proxy appends the address it saw; what the client sent before it is
     # not believed, so varying it gets no new tries.
-    assert [attempt(f"10.0.0.{n}, 203.0.113.7") for n in range(4)] == [400, 400, 400, 429]
+    assert [guess_with(f"10.0.0.{n}, 203.0.113.7") for n in range(4)] == [400, 400, 400, 429]
     # Another client behind the same proxy has its own count.
-    assert attempt("198.51.100.9") == 400
+    assert guess_with("198.51.100.9") == 400
 
 
 def test_the_api_is_limited_per_user_by_api_throttle_rate(api_as, settings):

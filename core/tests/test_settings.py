@@ -12,12 +12,12 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 
 def load_settings(
-    script: str = "import attendance_bridge.settings", **env
+    script: str = "import attendance_bridge.settings", *, argv: tuple[str, ...] = (), **env
 ) -> subprocess.CompletedProcess:
     environment = {"SECRET_KEY": "x", "PATH": "/usr/bin:/bin", "VAR_DIR": "/tmp/ab-settings-test"}
     environment.update(env)
     return subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", script, *argv],
         cwd=PROJECT,
         env=environment,
         capture_output=True,
@@ -131,19 +131,11 @@ with connection.cursor() as cursor:
 
 
 def test_a_sqlite_transaction_that_reads_then_writes_waits_for_another_writer(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", SQLITE_WRITER_RACE],
-        cwd=PROJECT,
-        env={
-            "SECRET_KEY": "x",
-            "PATH": "/usr/bin:/bin",
-            "DJANGO_SETTINGS_MODULE": "attendance_bridge.settings",
-            "DATABASE_URL": "",
-            "VAR_DIR": str(tmp_path),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = load_settings(
+        SQLITE_WRITER_RACE,
+        DJANGO_SETTINGS_MODULE="attendance_bridge.settings",
+        DATABASE_URL="",
+        VAR_DIR=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rows 2" in result.stdout
@@ -172,22 +164,15 @@ def test_the_login_limit_is_counted_across_processes_and_restarts(cache_url, tmp
     address = f"10.{random.randrange(256)}.{random.randrange(256)}.{random.randrange(256)}"
 
     def logins(count: int) -> list[str]:
-        result = subprocess.run(
-            [sys.executable, "-c", LOGINS, address, str(count)],
-            cwd=PROJECT,
-            env={
-                "SECRET_KEY": "x",
-                "PATH": "/usr/bin:/bin",
-                "DJANGO_SETTINGS_MODULE": "attendance_bridge.settings",
-                "DATABASE_URL": "",
-                "CELERY_BROKER_URL": "",
-                "VAR_DIR": str(tmp_path),
-                "CACHE_URL": cache_url,
-                "API_AUTH_THROTTLE_RATE": "3/minute",
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
+        result = load_settings(
+            LOGINS,
+            argv=(address, str(count)),
+            DJANGO_SETTINGS_MODULE="attendance_bridge.settings",
+            DATABASE_URL="",
+            CELERY_BROKER_URL="",
+            VAR_DIR=str(tmp_path),
+            CACHE_URL=cache_url,
+            API_AUTH_THROTTLE_RATE="3/minute",
         )
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout.split()
