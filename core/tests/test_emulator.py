@@ -23,7 +23,8 @@ from zk.finger import Finger
 from zk.user import User
 
 from core.zk.client import decode_attendance
-from core.zk.emulator import (
+from core.zk.emulator import DeviceState, FingerTemplate, ZKEmulator
+from core.zk.emulator.wire import (
     CMD_ACK_ERROR,
     CMD_ACK_OK,
     CMD_ACK_UNAUTH,
@@ -40,9 +41,6 @@ from core.zk.emulator import (
     CMD_UNLOCK,
     CMD_WRITE_LCD,
     TCP_MAGIC,
-    DeviceState,
-    FingerTemplate,
-    ZKEmulator,
     build_packet,
     checksum_ok,
     make_commkey,
