@@ -47,6 +47,14 @@ def _device_action(perm: str, result, description: str):
     )
 
 
+def _answer(result) -> Response:
+    """A poll's or a connection test's result; a failed one with the status its failure calls for."""
+    failed = (
+        None if result.ok else device_error_status(timed_out=result.timed_out, busy=result.busy)
+    )
+    return Response(dataclasses.asdict(result), status=failed)
+
+
 @extend_schema_view(
     list=extend_schema(responses={200: DeviceSerializer(many=True), **LIST_ERRORS}),
     retrieve=extend_schema(responses={200: DeviceSerializer, **DETAIL_ERRORS}),
@@ -86,12 +94,7 @@ class DeviceViewSet(viewsets.ModelViewSet):
         device = self.get_object()
         if not wait_requested(request):
             return _queued(tasks.poll_device.delay(device.pk))
-        result = ingest.device_poll_guarded(device=device)
-        answer = dataclasses.asdict(result)
-        if not result.ok:
-            status_code = device_error_status(timed_out=result.timed_out, busy=result.busy)
-            return Response(answer, status=status_code)
-        return Response(answer)
+        return _answer(ingest.device_poll_guarded(device=device))
 
     @_device_action("core.test_device", DeviceReportSerializer, "Test the connection")
     @action(detail=True, methods=["post"])
@@ -99,12 +102,7 @@ class DeviceViewSet(viewsets.ModelViewSet):
         device = self.get_object()
         if not wait_requested(request):
             return _queued(tasks.test_device.delay(device.pk))
-        report = ingest.device_test(device=device)
-        answer = dataclasses.asdict(report)
-        if not report.ok:
-            status_code = device_error_status(timed_out=report.timed_out, busy=report.busy)
-            return Response(answer, status=status_code)
-        return Response(answer)
+        return _answer(ingest.device_test(device=device))
 
     @_device_action("core.sync_device_clock", ClockSetSerializer, "Set the device clock")
     @action(detail=True, methods=["post"])
